@@ -1,0 +1,19 @@
+-- Renew the leases of a worker's jobs in one batch.
+-- KEYS[1]  B:meta (routing only)
+-- ARGV[1]  B
+-- ARGV[2]  lease duration ms
+-- ARGV[3..] job id, token pairs
+-- Returns the ids whose lease this worker no longer holds.
+local B = ARGV[1]
+local untl = now_ms() + tonumber(ARGV[2])
+local ak = B .. ':active'
+local lost = {}
+for i = 3, #ARGV, 2 do
+  local id = ARGV[i]
+  if rcall('HGET', B .. ':j:' .. id, 'tok') == ARGV[i + 1] then
+    rcall('ZADD', ak, 'XX', untl, id)
+  else
+    lost[#lost + 1] = id
+  end
+end
+return lost

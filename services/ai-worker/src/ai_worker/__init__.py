@@ -1,0 +1,1 @@
+"""Answers conversations with an LLM (OpenAI-compatible) using knowledge-base context."""

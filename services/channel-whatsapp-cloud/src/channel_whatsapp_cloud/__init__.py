@@ -1,0 +1,1 @@
+"""Delivers replies through Meta's WhatsApp Cloud API and tracks delivery status."""

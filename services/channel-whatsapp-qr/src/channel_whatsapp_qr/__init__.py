@@ -1,0 +1,1 @@
+"""Delivers replies through a Baileys-based WhatsApp QR service (WAHA / Evolution API)."""

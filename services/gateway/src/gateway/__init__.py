@@ -1,0 +1,1 @@
+"""HTTP ingress: widget API, WhatsApp webhooks, tenant admin API, health and metrics."""

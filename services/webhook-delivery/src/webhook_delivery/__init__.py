@@ -1,0 +1,1 @@
+"""Signed, retried delivery of tenant-configured webhook events."""
