@@ -99,9 +99,15 @@ class QueueEvents:
                 deadline,
             )
         except (TimeoutError, RedisConnectionError, RedisTimeoutError) as exc:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise asyncio.CancelledError from exc
             log.warning("events read on %s failed (%s); retrying", self.keys.events, exc)
             await asyncio.sleep(0.2)
             return []
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            raise asyncio.CancelledError  # redis-py may absorb a cancel that races a reply
         out: list[QueueEvent] = []
         for _stream, entries in reply or []:
             for entry_id, raw in entries:

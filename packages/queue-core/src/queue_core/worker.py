@@ -41,6 +41,19 @@ log = logging.getLogger("queue_core.worker")
 RETRYABLE = (RedisConnectionError, RedisTimeoutError, ReadOnlyError, ConnectionError, OSError,
              TimeoutError)  # fmt: skip
 
+
+def _check_cancelled() -> None:
+    """Re-raise a cancellation that the Redis client swallowed.
+
+    A cancel that lands just as a reply arrives can be absorbed by redis-py (the call returns
+    normally or raises a connection error). A loop that then went back to sleep would ignore the
+    cancellation, and an event loop shutting down would hang on it. Loops call this after each
+    Redis round trip."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
+
+
 HISTOGRAM_BUCKETS_MS = (5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000)
 _HIST_FIELDS = [f"h:{b}" for b in HISTOGRAM_BUCKETS_MS] + ["h:inf"]
 
@@ -242,6 +255,7 @@ class Worker:
             try:
                 reply = await self._finish_fetch(entries, hist, want)
             except RETRYABLE as exc:
+                _check_cancelled()
                 self._pending[:0] = entries
                 self._merge_hist(hist)
                 failures += 1
@@ -251,6 +265,7 @@ class Worker:
                 await self._sleep(delay)
                 continue
             except (ResponseError, RedisError):
+                _check_cancelled()
                 failures += 1
                 log.exception("worker %s: finish/fetch failed", self.name)
                 if failures < 3:
@@ -261,6 +276,7 @@ class Worker:
                         self._held.pop(entry[0], None)
                 await self._sleep(0.5)
                 continue
+            _check_cancelled()
             failures = 0
             self.last_fetch_at = time.monotonic()
             self._apply(entries, reply, want)
@@ -352,9 +368,11 @@ class Worker:
             # The client-side deadline catches a connection that died without an error.
             reply = await asyncio.wait_for(self.redis.bzpopmin(self._marker, timeout=block), block + 2.0)
         except RETRYABLE as exc:
+            _check_cancelled()
             log.warning("worker %s: blocking wait failed (%s); reconnecting", self.name, exc)
             await asyncio.sleep(0.1)
             return False
+        _check_cancelled()
         return reply is not None
 
     def _marker_done(self, task: asyncio.Task[bool]) -> None:
@@ -366,8 +384,10 @@ class Worker:
             self._aux_tasks.append(hand_on)
 
     async def _rearm_marker(self) -> None:
-        with contextlib.suppress(*RETRYABLE, RedisError):
+        try:
             await self.redis.zadd(self._marker, {"0": 0})
+        except (*RETRYABLE, RedisError):
+            _check_cancelled()
 
     # -- running one job ---------------------------------------------------------------------
 
@@ -482,8 +502,10 @@ class Worker:
                     self.redis, self._route, [self._base, self.lock_duration, *pairs]
                 )
             except (*RETRYABLE, RedisError) as exc:
+                _check_cancelled()
                 log.warning("worker %s: lease renewal failed (%s)", self.name, exc)
                 continue
+            _check_cancelled()
             for raw in lost:
                 self._lease_lost(raw.decode() if isinstance(raw, bytes) else raw)
 
@@ -503,7 +525,9 @@ class Worker:
             try:
                 await self.sweep_stalled()
             except (*RETRYABLE, RedisError) as exc:
+                _check_cancelled()
                 log.warning("worker %s: stalled sweep failed (%s)", self.name, exc)
+            _check_cancelled()
             await asyncio.sleep(interval)
 
     async def sweep_stalled(self) -> tuple[list[str], list[str]]:
