@@ -111,7 +111,14 @@ class QueueEvents:
         out: list[QueueEvent] = []
         for _stream, entries in reply or []:
             for entry_id, raw in entries:
-                out.append(QueueEvent.parse(entry_id, raw))
+                event = QueueEvent.parse(entry_id, raw)
+                ids = event.fields.pop("ids", None)
+                if ids is None:
+                    out.append(event)
+                else:
+                    # a bulk add wrote one entry for many jobs
+                    for job_id in ids.split(" "):
+                        out.append(QueueEvent(event.stream_id, event.event, job_id, event.fields))
         if out:
             self.last_id = out[-1].stream_id
         return out

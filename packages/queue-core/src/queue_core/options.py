@@ -6,6 +6,7 @@ import math
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields, replace
+from functools import lru_cache
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -247,20 +248,25 @@ class JobOptions:
 
     def hash_fields(self) -> list[str]:
         """The job-hash fields these options contribute (see docs/queue-core.md)."""
-        out = [
-            "att", str(self.attempts),
-            "roc", _encode_remove(self.remove_on_complete, "remove_on_complete"),
-            "rof", _encode_remove(self.remove_on_fail, "remove_on_fail"),
-        ]  # fmt: skip
-        if isinstance(self.backoff, Backoff):
-            out += ["bo", self.backoff.encode()]
-        if self.timeout is not None:
-            out += ["to", str(self.timeout)]
-            if not self.retry_on_timeout:
-                out += ["rot", "0"]
-        if self.keep_logs != 100:
-            out += ["kl", str(self.keep_logs)]
-        return out
+        return list(_hash_fields(self))
+
+
+@lru_cache(maxsize=256)
+def _hash_fields(opts: JobOptions) -> tuple[str, ...]:
+    out = [
+        "att", str(opts.attempts),
+        "roc", _encode_remove(opts.remove_on_complete, "remove_on_complete"),
+        "rof", _encode_remove(opts.remove_on_fail, "remove_on_fail"),
+    ]  # fmt: skip
+    if isinstance(opts.backoff, Backoff):
+        out += ["bo", opts.backoff.encode()]
+    if opts.timeout is not None:
+        out += ["to", str(opts.timeout)]
+        if not opts.retry_on_timeout:
+            out += ["rot", "0"]
+    if opts.keep_logs != 100:
+        out += ["kl", str(opts.keep_logs)]
+    return tuple(out)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

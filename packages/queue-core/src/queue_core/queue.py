@@ -6,8 +6,10 @@ import asyncio
 import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any
 
+import msgpack
 import orjson
 from redis.exceptions import NoScriptError
 
@@ -34,6 +36,23 @@ log = logging.getLogger("queue_core.queue")
 
 _PB = 2**32
 _ADD_CHUNK = 500  # jobs per add script call; a bulk pipelines its chunks in one round trip
+
+
+def _pack(value: Any) -> bytes:
+    # Redis' Lua cmsgpack predates msgpack's bin type: send bytes as (8-bit clean) raw strings.
+    return msgpack.packb(value, use_bin_type=False)  # type: ignore[no-any-return]
+
+
+@lru_cache(maxsize=256)
+def _control(opts: JobOptions) -> tuple[Any, ...]:
+    """The placement values the add script reads (cached: most adds share their options)."""
+    dedup = opts.dedup
+    ready_at = int(opts.run_at.timestamp() * 1000) if opts.run_at is not None else 0
+    return (
+        opts.job_id or "", opts.priority, opts.delay, ready_at, 1 if opts.lifo else 0,
+        opts.group or "", opts.group_weight, opts.group_max_size,
+        dedup.id if dedup else "", (dedup.ttl or 0) if dedup else 0, dedup.mode if dedup else "",
+    )  # fmt: skip
 
 
 @dataclass(slots=True)
@@ -106,24 +125,8 @@ class Queue:
             raise SerializationError(f"job data is not JSON-serializable: {exc}") from exc
         if len(payload) > self.max_payload_bytes:
             raise PayloadTooLargeError(len(payload), self.max_payload_bytes)
-        fields = ["name", name, "data", payload, *opts.hash_fields()]
-        dedup = opts.dedup
-        ready_at = int(opts.run_at.timestamp() * 1000) if opts.run_at is not None else 0
-        return [
-            opts.job_id or "",
-            opts.priority,
-            opts.delay,
-            ready_at,
-            1 if opts.lifo else 0,
-            opts.group or "",
-            opts.group_weight,
-            opts.group_max_size,
-            dedup.id if dedup else "",
-            (dedup.ttl or 0) if dedup else 0,
-            dedup.mode if dedup else "",
-            len(fields),
-            *fields,
-        ]
+        control = _control(opts)
+        return [*control, ["name", name, "data", payload, *opts.hash_fields()]]
 
     def _options(self, options: JobOptions | None, overrides: dict[str, Any]) -> JobOptions:
         base = options if options is not None else self.default_options
@@ -141,6 +144,18 @@ class Queue:
         """
         opts = self._options(options, overrides)
         args = self._encode(name, data, opts)
+        if not self._flushing and not self._pending:
+            # Nothing in flight: send now (one loop turn sooner). Adds issued while this one is
+            # in flight queue up and go together in the next call.
+            self._flushing = True
+            try:
+                (job_id, status, extra), = await self._add_many([args])
+            finally:
+                self._flushing = False
+                if self._pending and not self._flush_scheduled:
+                    self._flush_scheduled = True
+                    asyncio.get_running_loop().call_soon(self._start_flush)
+            return self._added_job(job_id, status, extra, name, data, opts)
         fut: asyncio.Future[tuple[str, int, Any]] = asyncio.get_running_loop().create_future()
         self._pending.append((args, fut))
         if not self._flush_scheduled:
@@ -195,11 +210,7 @@ class Queue:
     async def _add_many(self, encoded: Sequence[list[Any]]) -> list[tuple[str, int, Any]]:
         chunks: list[list[Any]] = []
         for start in range(0, len(encoded), _ADD_CHUNK):
-            part = encoded[start : start + _ADD_CHUNK]
-            flat: list[Any] = [self._base, len(part)]
-            for args in part:
-                flat.extend(args)
-            chunks.append(flat)
+            chunks.append([self._base, _pack(encoded[start : start + _ADD_CHUNK])])
         script = self._scripts["add_jobs"]
         if len(chunks) == 1:
             replies = [await script(self.redis, self._route, chunks[0])]

@@ -30,7 +30,7 @@ from queue_core.errors import (
 )
 from queue_core.job import Job
 from queue_core.options import BackoffStrategy
-from queue_core.queue import Queue
+from queue_core.queue import Queue, _pack
 from queue_core.types import Processor, RedisClient
 
 __all__ = ["HISTOGRAM_BUCKETS_MS", "Worker"]
@@ -124,7 +124,7 @@ class Worker:
         self._script = self.queue._scripts
         self._route = self.queue._route
         self._base = self.queue._base
-        self._marker = self.queue.keys.marker
+        self._inbox = self.queue.keys.key(f"w:{self.token_prefix}")
         self._running: dict[str, tuple[Job, asyncio.Task[None]]] = {}
         self._held: dict[str, str] = {}  # every job this worker leases: id -> token
         self._pending: list[list[Any]] = []
@@ -141,7 +141,9 @@ class Worker:
         self._done = asyncio.Event()
         self._loop_task: asyncio.Task[None] | None = None
         self._aux_tasks: list[asyncio.Task[None]] = []
-        self._marker_task: asyncio.Task[bool] | None = None
+        self._inbox_task: asyncio.Task[Any] | None = None
+        self._handed: list[Any] = []  # jobs handed to this worker, not yet started
+        self._registered = False  # whether Redis may hold an idle registration for us
         self._close_task: asyncio.Task[None] | None = None
 
     # -- lifecycle ------------------------------------------------------------------------
@@ -205,6 +207,7 @@ class Worker:
             return
         self._closing = True
         self._wake.set()
+        await self._interrupt_inbox_wait()
         tasks = [task for _, task in self._running.values()]
         if tasks:
             _, pending = await asyncio.wait(tasks, timeout=timeout)
@@ -226,7 +229,7 @@ class Worker:
                 self._loop_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._loop_task
-        for task in [*self._aux_tasks, self._marker_task]:
+        for task in [*self._aux_tasks, self._inbox_task]:
             if task is not None and not task.done():
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -239,14 +242,18 @@ class Worker:
         failures = 0
         while True:
             self._wake.clear()
+            if self._handed:
+                self._start_handed()
             want = 0 if self._closing else self.concurrency - len(self._running)
             if not self._pending:
                 if self._closing and not self._running:
-                    return
-                if want <= 0:
+                    if not self._registered:
+                        return
+                    # one more round trip withdraws our idle registration and drains the inbox
+                elif want <= 0:
                     await self._wake.wait()
                     continue
-                if self._idle:
+                elif self._idle:
                     await self._wait_for_work()
                     self._idle = False
                     continue
@@ -282,16 +289,18 @@ class Worker:
             self._apply(entries, reply, want)
 
     async def _finish_fetch(self, entries: list[list[Any]], hist: dict[str, int], want: int) -> Any:
-        args: list[Any] = [self._base, self.token_prefix, self.lock_duration, want, len(hist) * 2,
-                           len(entries)]  # fmt: skip
+        # Registering as idle (block_ms > 0) lets producers hand jobs straight to this worker.
+        block_ms = int(self.drain_delay * 1000) if want > 0 else 0
+        flat_hist: list[Any] = []
         for field, count in hist.items():
-            args += [field, count]
-        for entry in entries:
-            args += entry
+            flat_hist += [field, count]
+        args = [self._base, self.token_prefix, self.lock_duration, want, block_ms,
+                _pack(flat_hist), _pack(entries)]  # fmt: skip
         return await self._script["finish_fetch"](self.redis, self._route, args)
 
     def _apply(self, entries: list[list[Any]], reply: Any, want: int) -> None:
-        codes, jobs, next_in, rl_ttl, maxed = reply
+        codes, jobs, next_in, rl_ttl, maxed, handed = reply
+        self._registered = want > 0 and len(jobs) // 3 + len(handed) < want
         for entry, code in zip(entries, codes, strict=True):
             job_id = entry[0]
             self._held.pop(job_id, None)
@@ -300,21 +309,46 @@ class Worker:
                 log.warning("worker %s: lease of job %s was lost (it stalled and was taken over); "
                             "its %s result was discarded", self.name, job_id, entry[2])  # fmt: skip
         fetched = len(jobs) // 3
-        queue = self.queue
         for i in range(0, len(jobs), 3):
             raw_id = jobs[i]
-            job_id = raw_id.decode() if isinstance(raw_id, bytes) else raw_id
             raw_tok = jobs[i + 1]
-            job = Job.from_flat(queue, job_id, jobs[i + 2])
-            job.token = raw_tok.decode() if isinstance(raw_tok, bytes) else raw_tok
-            job.attempts_started += 1
-            self._held[job_id] = job.token
-            task = asyncio.create_task(self._execute(job))
-            self._running[job_id] = (job, task)
+            self._start(
+                raw_id.decode() if isinstance(raw_id, bytes) else raw_id,
+                raw_tok.decode() if isinstance(raw_tok, bytes) else raw_tok,
+                jobs[i + 2],
+            )
+        for raw in handed:
+            self._receive(raw)
+        fetched += len(handed)
         self._idle = want > 0 and fetched < want
         self._next_in = int(next_in)
         self._rl_ttl = int(rl_ttl)
         self._maxed = bool(maxed)
+
+    def _start(self, job_id: str, token: str, flat: list[Any]) -> None:
+        job = Job.from_flat(self.queue, job_id, flat)
+        job.token = token
+        job.attempts_started += 1
+        self._held[job_id] = token
+        if self._closing or len(self._running) >= self.concurrency:
+            # Leased to us after we stopped taking work (a handoff racing close or a fetch):
+            # give it straight back, at the front, without using an attempt.
+            self._pending.append([job_id, token, "l", 0, ""])
+            self._wake.set()
+            return
+        self._running[job_id] = (job, asyncio.create_task(self._execute(job)))
+
+    def _receive(self, raw: bytes | str) -> None:
+        """A handoff from the inbox: a leased job as JSON [id, token, flat hash], or '' (poke)."""
+        if raw in (b"", ""):
+            return
+        job_id, token, flat = orjson.loads(raw)
+        self._handed.append((job_id, token, flat))
+
+    def _start_handed(self) -> None:
+        handed, self._handed = self._handed, []
+        for job_id, token, flat in handed:
+            self._start(job_id, token, flat)
 
     def _merge_hist(self, hist: dict[str, int]) -> None:
         for k, v in hist.items():
@@ -345,47 +379,51 @@ class Worker:
         return timeout
 
     async def _wait_for_work(self) -> None:
-        """Block until a marker says work may be there, a job finishes, or the timeout."""
+        """Block until a job is handed to us, a job of ours finishes, or the idle timeout."""
         timeout = self._idle_timeout()
         if self._rl_ttl > 0:
             await self._sleep(timeout)
             return
-        if self._marker_task is None:
-            self._marker_task = asyncio.create_task(self._pop_marker())
-            self._marker_task.add_done_callback(self._marker_done)
+        if self._inbox_task is None:
+            self._inbox_task = asyncio.create_task(self._pop_inbox(timeout))
+            self._inbox_task.add_done_callback(self._inbox_done)
         waiter = asyncio.create_task(self._wake.wait())
         try:
-            await asyncio.wait({self._marker_task, waiter}, timeout=timeout,
+            await asyncio.wait({self._inbox_task, waiter}, timeout=timeout,
                                return_when=asyncio.FIRST_COMPLETED)  # fmt: skip
         finally:
             waiter.cancel()
-        if self._marker_task is not None and self._marker_task.done():
-            self._marker_task = None
 
-    async def _pop_marker(self) -> bool:
-        block = self.drain_delay
+    async def _pop_inbox(self, timeout: float) -> Any:
         try:
             # The client-side deadline catches a connection that died without an error.
-            reply = await asyncio.wait_for(self.redis.bzpopmin(self._marker, timeout=block), block + 2.0)
+            reply = await asyncio.wait_for(self.redis.blpop([self._inbox], timeout=timeout), timeout + 2.0)
         except RETRYABLE as exc:
             _check_cancelled()
             log.warning("worker %s: blocking wait failed (%s); reconnecting", self.name, exc)
             await asyncio.sleep(0.1)
-            return False
+            return None
         _check_cancelled()
-        return reply is not None
+        return reply
 
-    def _marker_done(self, task: asyncio.Task[bool]) -> None:
-        if task.cancelled() or task.exception() is not None or not task.result():
+    def _inbox_done(self, task: asyncio.Task[Any]) -> None:
+        self._inbox_task = None
+        if task.cancelled() or task.exception() is not None:
             return
-        if self._closing or len(self._running) >= self.concurrency:
-            # We took a wake-up we cannot use: hand it on to another idle worker.
-            hand_on = asyncio.create_task(self._rearm_marker())
-            self._aux_tasks.append(hand_on)
+        reply = task.result()
+        if reply is not None:
+            self._receive(reply[1])
+            self._start_handed()  # start at once: this is the latency-critical path
+            self._wake.set()
 
-    async def _rearm_marker(self) -> None:
+    async def _interrupt_inbox_wait(self) -> None:
+        """Make a pending inbox wait return now (a cancelled BLPOP could lose a popped job)."""
+        task = self._inbox_task
+        if task is None or task.done():
+            return
         try:
-            await self.redis.zadd(self._marker, {"0": 0})
+            await self.redis.rpush(self._inbox, "")  # type: ignore[misc]
+            await asyncio.wait_for(asyncio.shield(task), 3.0)
         except (*RETRYABLE, RedisError):
             _check_cancelled()
 
@@ -400,13 +438,13 @@ class Worker:
             else:
                 result = await self._run_with_timeout(job)
         except asyncio.CancelledError:
-            entry = None if job.id in self._lost else [job.id, job.token, "l", 2, 0, ""]
+            entry = None if job.id in self._lost else [job.id, job.token, "l", 0, ""]
         except RateLimitError as exc:
-            entry = [job.id, job.token, "l", 2, exc.delay_ms, "q"]
+            entry = [job.id, job.token, "l", exc.delay_ms, "q"]
         except GroupRateLimitError as exc:
-            entry = [job.id, job.token, "l", 2, exc.delay_ms, "g" if job.group else ""]
+            entry = [job.id, job.token, "l", exc.delay_ms, "g" if job.group else ""]
         except DelayJob as exc:
-            entry = [job.id, job.token, "l", 2, exc.delay_ms, "d"]
+            entry = [job.id, job.token, "l", exc.delay_ms, "d"]
         except Exception as exc:  # noqa: BLE001 - any processor error is a job failure
             entry = self._failure(job, exc)
         else:
@@ -415,7 +453,7 @@ class Worker:
             except TypeError as exc:
                 entry = self._failure(job, UnrecoverableError(f"return value is not JSON: {exc}"))
             else:
-                entry = [job.id, job.token, "c", 2, rv, job.attempts_made + 1]
+                entry = [job.id, job.token, "c", rv, job.attempts_made + 1]
                 self.stats["completed"] += 1
         finally:
             self._running.pop(job.id, None)
@@ -462,9 +500,9 @@ class Worker:
             final = delay is None
         if final:
             self.stats["failed"] += 1
-            return [job.id, job.token, "f", 4, message, stack, errs, attempts_made]
+            return [job.id, job.token, "f", message, stack, errs, attempts_made]
         self.stats["retried"] += 1
-        return [job.id, job.token, "r", 5, message, stack, errs, attempts_made, delay]
+        return [job.id, job.token, "r", message, stack, errs, attempts_made, delay]
 
     def _backoff_delay(self, job: Job, attempts_made: int, exc: BaseException) -> int | None:
         backoff = job.backoff

@@ -19,5 +19,10 @@ for k = 1, #sets, 2 do
     if sets[k + 1] == '1' then emit(B, M, 'e', 'paused') else emit(B, M, 'e', 'resumed') end
   end
 end
-if not M.paused then wake(B) end
+local now = now_ms()
+if not M.paused then
+  wake(B, M)
+  poke(B)  -- idle workers re-read limits and timeouts
+end
+flush_wakes(now)
 return 1

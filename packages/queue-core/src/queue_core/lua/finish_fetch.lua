@@ -4,40 +4,52 @@
 -- ARGV[2]  worker token prefix (each lease token is "<prefix>:<attempts started>")
 -- ARGV[3]  lease duration ms
 -- ARGV[4]  number of jobs wanted (0 = finish only)
--- ARGV[5]  number of histogram values that follow (field, count pairs, flattened)
--- ARGV[6]  number of entries that follow the histogram
--- histogram: field, increment, ... (processing-time buckets, added to B:metrics)
--- entries: job id, lease token, kind, n, then n values:
+-- ARGV[5]  ms the worker will wait for a handoff if it gets fewer jobs than wanted
+-- ARGV[6]  msgpack array: field, increment, ... (processing-time histogram, into B:metrics)
+-- ARGV[7]  msgpack array of entries, each {job id, lease token, kind, values...}:
 --   c  completed       rv (JSON), attempts made
 --   f  failed (final)  error, stack, error history (JSON), attempts made
 --   r  retry           error, stack, error history (JSON), attempts made, delay ms
 --   l  return unused   delay ms, scope ('' front of its queue | 'q' queue limited for delay |
 --                      'g' group limited for delay | 'd' delayed by delay)
--- Returns {codes, jobs, next_in, rl_ttl, maxed}: codes has per entry 1 applied, 0 already
+-- The worker's idle registration is withdrawn and its inbox drained first (those jobs are
+-- returned in `handed`); when it gets fewer jobs than wanted it is registered idle again.
+-- Returns {codes, jobs, next_in, rl_ttl, maxed, handed}: codes has per entry 1 applied, 0 already
 -- applied (a replay), -1 lease lost; jobs is id, token, hash triples; next_in is ms until the
 -- next delayed job or group hold ends (-1 none) when fewer jobs than wanted were leased.
 local B = ARGV[1]
 local tokpfx = ARGV[2]
 local lease = tonumber(ARGV[3])
 local want = tonumber(ARGV[4])
-local nh = tonumber(ARGV[5])
-local ne = tonumber(ARGV[6])
+local block_ms = tonumber(ARGV[5])
+local hist = cmsgpack.unpack(ARGV[6])
+local entries = cmsgpack.unpack(ARGV[7])
 local now = now_ms()
 local M = meta_of(B)
-local i = 7
+local idle_member = tokpfx .. '|' .. lease
+rcall('ZREM', B .. ':idle', idle_member)
+local inbox = B .. ':w:' .. tokpfx
+local handed = rcall('LRANGE', inbox, 0, -1)
+if #handed > 0 then
+  rcall('DEL', inbox)
+  for _, h in ipairs(handed) do
+    if h ~= '' then want = want - 1 end
+  end
+  if want < 0 then want = 0 end
+end
 local mk = B .. ':metrics'
-for _ = 1, nh, 2 do
-  rcall('HINCRBY', mk, ARGV[i], ARGV[i + 1])
-  i = i + 2
+for k = 1, #hist, 2 do
+  rcall('HINCRBY', mk, hist[k], hist[k + 1])
 end
 local codes = {}
 local trims = {}
 local ncomp, nfail = 0, 0
 local ak = B .. ':active'
-for e = 1, ne do
-  local id, tok, kind, na = ARGV[i], ARGV[i + 1], ARGV[i + 2], tonumber(ARGV[i + 3])
-  local a = i + 4
-  i = i + 4 + na
+for e = 1, #entries do
+  local en = entries[e]
+  local id, tok, kind = en[1], en[2], en[3]
+  local A = { en[4], en[5], en[6], en[7], en[8] }
+  local a = 1
   local jk = B .. ':j:' .. id
   local cur = rcall('HGET', jk, 'tok')
   if cur ~= tok then
@@ -48,23 +60,23 @@ for e = 1, ne do
     local f = fin_fields(jk)
     local gid = f[F_GID]
     if kind == 'c' then
-      rcall('HSET', jk, 'tok', 'r' .. tok, 'fon', now, 'rv', ARGV[a], 'atm', ARGV[a + 1])
-      emit(B, M, 'e', 'completed', 'id', id, 'rv', ARGV[a])
-      finalize(B, M, id, f, false, now, trims, ARGV[a])
+      rcall('HSET', jk, 'tok', 'r' .. tok, 'fon', now, 'rv', A[a], 'atm', A[a + 1])
+      emit(B, M, 'e', 'completed', 'id', id, 'rv', A[a])
+      finalize(B, M, id, f, false, now, trims, A[a])
       if gid then group_release(B, M, gid, 0) end
       ncomp = ncomp + 1
     elseif kind == 'f' then
-      rcall('HSET', jk, 'tok', 'r' .. tok, 'fon', now, 'err', ARGV[a], 'stack', ARGV[a + 1],
-        'errs', ARGV[a + 2], 'atm', ARGV[a + 3])
-      emit(B, M, 'e', 'failed', 'id', id, 'err', ARGV[a], 'atm', ARGV[a + 3])
-      finalize(B, M, id, f, true, now, trims, ARGV[a])
+      rcall('HSET', jk, 'tok', 'r' .. tok, 'fon', now, 'err', A[a], 'stack', A[a + 1],
+        'errs', A[a + 2], 'atm', A[a + 3])
+      emit(B, M, 'e', 'failed', 'id', id, 'err', A[a], 'atm', A[a + 3])
+      finalize(B, M, id, f, true, now, trims, A[a])
       if gid then group_release(B, M, gid, 0) end
       nfail = nfail + 1
     elseif kind == 'r' then
-      local delay = tonumber(ARGV[a + 4])
-      rcall('HSET', jk, 'tok', 'r' .. tok, 'err', ARGV[a], 'stack', ARGV[a + 1],
-        'errs', ARGV[a + 2], 'atm', ARGV[a + 3])
-      emit(B, M, 'e', 'retrying', 'id', id, 'err', ARGV[a], 'atm', ARGV[a + 3], 'delay', delay)
+      local delay = tonumber(A[a + 4])
+      rcall('HSET', jk, 'tok', 'r' .. tok, 'err', A[a], 'stack', A[a + 1],
+        'errs', A[a + 2], 'atm', A[a + 3])
+      emit(B, M, 'e', 'retrying', 'id', id, 'err', A[a], 'atm', A[a + 3], 'delay', delay)
       if gid and M.strict then
         -- Strict order: the job keeps the head of its group; the group waits out the backoff.
         rcall('LPUSH', B .. ':g:' .. gid, id)
@@ -81,8 +93,8 @@ for e = 1, ne do
         place_waiting(B, M, id, tonumber(f[F_PRIO]) or 0, gid, tonumber(f[F_SEQ]) or 0, false, 'tail')
       end
     else -- 'l'
-      local delay = tonumber(ARGV[a]) or 0
-      local scope = ARGV[a + 1]
+      local delay = tonumber(A[a]) or 0
+      local scope = A[a + 1]
       rcall('HSET', jk, 'tok', 'r' .. tok)
       if scope == 'q' and delay > 0 then
         rcall('SET', B .. ':limiter', 1000000000, 'PX', delay)
@@ -101,7 +113,7 @@ for e = 1, ne do
         emit(B, M, 'e', 'waiting', 'id', id, 'prev', 'active')
       else
         rcall('ZADD', B .. ':wait', front_score(tonumber(f[F_PRIO]) or 0, tonumber(f[F_SEQ]) or 0), id)
-        if not M.paused then wake(B) end
+        wake(B, M)
         emit(B, M, 'e', 'waiting', 'id', id, 'prev', 'active')
       end
     end
@@ -123,10 +135,14 @@ if ncomp + nfail > 0 then
 end
 local jobs = {}
 local status = {}
-fetch(B, M, now, want, tokpfx, now + lease, jobs, status)
+local got = fetch(B, M, now, want, tokpfx, now + lease, jobs, status)
+if got < want and block_ms > 0 then
+  rcall('ZADD', B .. ':idle', now + block_ms + 2000, idle_member)
+end
+flush_wakes(now)
 local next_in = -1
 if status.next_at then
   next_in = status.next_at - now
   if next_in < 0 then next_in = 0 end
 end
-return { codes, jobs, next_in, status.rl_ttl or 0, status.maxed and 1 or 0 }
+return { codes, jobs, next_in, status.rl_ttl or 0, status.maxed and 1 or 0, handed }

@@ -30,6 +30,7 @@ elseif op == 'limit' then
   end
 elseif op == 'hold' then
   group_hold(B, M, gid, now_ms() + tonumber(ARGV[4]))
+  flush_wakes(now_ms())
   return 1
 elseif op == 'info' then
   local f = rcall('HMGET', gm, 'a', 'p', 'h', 'c', 'lm', 'ld')
@@ -39,5 +40,6 @@ elseif op == 'info' then
 else
   return redis.error_reply('ERR group_control: unknown op ' .. op)
 end
-if group_sync(B, M, gid, nil) and not M.paused then wake(B) end
+if group_sync(B, M, gid, nil) then wake(B, M) end
+flush_wakes(now_ms())
 return result

@@ -13,7 +13,8 @@
 --   active   ZSET    jobs under lease, score = lease expiry (ms, server clock)
 --   delayed  ZSET    score = ready time (ms)
 --   completed/failed ZSET score = finish time (ms)
---   marker   ZSET    wake-up for idle workers (member "0")
+--   idle     ZSET    idle workers waiting for a handoff: "<token prefix>|<lease ms>" -> deadline
+--   w:<pfx>  LIST    a worker's handoff inbox: jobs leased to it while it was idle (JSON)
 --   events   STREAM  capped at meta.maxev (approximate)
 --   j:<id>   HASH    the job;  l:<id> LIST its logs;  de:<key> STRING dedup key -> job id
 --   limiter  STRING  global rate-limit window counter;  stall STRING sweep throttle
@@ -44,6 +45,7 @@ local function meta_of(B)
   local m = rcall('HMGET', B .. ':meta', 'paused', 'conc', 'rlm', 'rld', 'gc', 'grlm', 'grld',
     'strict', 'dlq', 'maxev', 'dlqname')
   return {
+    B = B,
     paused = m[1] == '1',
     conc = tonumber(m[2]),
     rlm = tonumber(m[3]), rld = tonumber(m[4]),
@@ -59,8 +61,18 @@ local function emit(B, M, ...)
   rcall('XADD', B .. ':events', 'MAXLEN', '~', M.maxev, '*', ...)
 end
 
-local function wake(B)
-  rcall('ZADD', B .. ':marker', 0, '0')
+-- Work became startable: remembered here and acted on once, at the end of the script, by
+-- flush_wakes (which hands jobs straight to idle workers). `poke` asks one idle worker to wake
+-- and re-read its timeout (a new earliest delayed job).
+local WAKE_QUEUE, WAKE_SEEN, POKE = {}, {}, {}
+local function wake(B, M)
+  if M.paused or WAKE_SEEN[B] then return end
+  WAKE_SEEN[B] = true
+  WAKE_QUEUE[#WAKE_QUEUE + 1] = M
+end
+
+local function poke(B)
+  POKE[B] = true
 end
 
 local function to_map(flat)
@@ -70,8 +82,16 @@ local function to_map(flat)
 end
 
 -- Position inside the priority band: FIFO at the tail, LIFO ahead of FIFO, "front" ahead of both.
-local function wait_score(B, prio, lifo)
-  local s = rcall('INCR', B .. ':pseq') % B30
+local function wait_score(B, prio, lifo, M)
+  local s
+  local blk = M and M.pseq_block
+  if blk and blk.left > 0 then
+    s = blk.next % B30
+    blk.next = blk.next + 1
+    blk.left = blk.left - 1
+  else
+    s = rcall('INCR', B .. ':pseq') % B30
+  end
   if lifo then return prio * PB + LIFO_TOP - s end
   return prio * PB + FIFO_BASE + s
 end
@@ -135,7 +155,7 @@ local function group_release(B, M, gid, hold_until)
       rcall('ZADD', B .. ':gheld', hold_until, gid)
     end
   end
-  if group_sync(B, M, gid, nil) and not M.paused then wake(B) end
+  if group_sync(B, M, gid, nil) then wake(B, M) end
 end
 
 -- Put a group on hold until `until_ms` (it is taken out of the ready sets).
@@ -175,13 +195,20 @@ local function place_waiting(B, M, id, prio, gid, seq, lifo, where)
     if where == 'front' then rcall('LPUSH', glist, id) else rcall('RPUSH', glist, id) end
     rcall('INCR', B .. ':gw')
     rcall('ZADD', B .. ':groups', 0, gid)
-    if group_sync(B, M, gid, nil) and not M.paused then wake(B) end
+    if group_sync(B, M, gid, nil) then wake(B, M) end
     return
   end
   local score
-  if where == 'front' then score = front_score(prio, seq) else score = wait_score(B, prio, lifo) end
-  rcall('ZADD', B .. ':wait', score, id)
-  if not M.paused then wake(B) end
+  if where == 'front' then score = front_score(prio, seq) else score = wait_score(B, prio, lifo, M) end
+  if M.zbatch then
+    -- a bulk add collects its members and writes them with one ZADD (see flush_zbatch)
+    local zb = M.zbatch
+    zb[#zb + 1] = score
+    zb[#zb + 1] = id
+  else
+    rcall('ZADD', B .. ':wait', score, id)
+  end
+  wake(B, M)
 end
 
 local function place_delayed(B, id, ready_at)
@@ -189,7 +216,7 @@ local function place_delayed(B, id, ready_at)
   rcall('ZADD', dk, ready_at, id)
   -- A new earliest delayed job must shorten idle workers' block timeout: poke them.
   local first = rcall('ZRANGE', dk, 0, 0)
-  if first[1] == id then wake(B) end
+  if first[1] == id then poke(B) end
 end
 
 -- Move due delayed jobs into waiting, oldest ready time first, add order inside one ms.
@@ -232,8 +259,25 @@ end
 -- j = {id, prio, ready_at, lifo, gid, weight, gmax, ddid, ddttl, ddmode, fields = {...}}
 -- Returns {id, status, extra}: status 1 added, 0 duplicate job id (extra = stored hash),
 -- 2 deduplicated (extra = ''), -1 group full.
+local function flush_zbatch(B, M)
+  local zb = M.zbatch
+  if not zb then return end
+  for i = 1, #zb, 1000 do
+    rcall('ZADD', B .. ':wait', unpack(zb, i, math.min(i + 999, #zb)))
+  end
+  M.zbatch = nil
+end
+
 local function add_one(B, M, now, j)
-  local seq = rcall('INCR', B .. ':ctr')
+  local seq
+  local blk = M.seq_block
+  if blk and blk.left > 0 then
+    seq = blk.next
+    blk.next = blk.next + 1
+    blk.left = blk.left - 1
+  else
+    seq = rcall('INCR', B .. ':ctr')
+  end
   local id = j.id
   if id == '' then
     id = string.format('%d', seq)
@@ -280,7 +324,11 @@ local function add_one(B, M, now, j)
     emit(B, M, 'e', 'delayed', 'id', id, 'at', j.ready_at)
   else
     place_waiting(B, M, id, j.prio, gid, seq, j.lifo, 'tail')
-    emit(B, M, 'e', 'waiting', 'id', id)
+    if M.waiting_ids then
+      M.waiting_ids[#M.waiting_ids + 1] = id  -- one 'waiting' entry for the batch, see add_jobs
+    else
+      emit(B, M, 'e', 'waiting', 'id', id)
+    end
   end
   return { id, 1, '' }
 end
@@ -422,7 +470,7 @@ local function requeue_front(B, M, id, f)
     group_release(B, M, gid, 0)
   else
     rcall('ZADD', B .. ':wait', front_score(tonumber(f[F_PRIO]) or 0, tonumber(f[F_SEQ]) or 0), id)
-    if not M.paused then wake(B) end
+    wake(B, M)
   end
 end
 
@@ -496,9 +544,12 @@ end
 
 -- Lease up to `want` jobs. Returns the number taken; appends id, token, hash triples to `out`.
 -- status.next_at = earliest delayed job or group hold (ms) when idle; status.rl_ttl when limited.
-local function fetch(B, M, now, want, tokpfx, lease_until, out, status)
-  promote_delayed(B, M, now, 1000)
-  local next_hold = promote_held_groups(B, M, now)
+local function fetch(B, M, now, want, tokpfx, lease_until, out, status, skip_promote)
+  local next_hold = false
+  if not skip_promote then
+    promote_delayed(B, M, now, 1000)
+    next_hold = promote_held_groups(B, M, now)
+  end
   if M.paused or want <= 0 then return 0 end
   if M.conc then
     local room = M.conc - rcall('ZCARD', B .. ':active')
@@ -561,8 +612,7 @@ local function fetch(B, M, now, want, tokpfx, lease_until, out, status)
     if rcall('INCRBY', lk, got) == got then rcall('PEXPIRE', lk, M.rld or 1000) end
   end
   if got > 0 and got == want then
-    -- Work may remain: leave a marker so another idle worker wakes up for it.
-    if rcall('ZCARD', wk) > 0 or rcall('ZCARD', B .. ':gprios') > 0 then wake(B) end
+    wake(B, M)  -- work may remain: offer it to idle workers at the end of the script
   end
   if got < want then
     local d = rcall('ZRANGE', B .. ':delayed', 0, 0, 'WITHSCORES')
@@ -572,4 +622,49 @@ local function fetch(B, M, now, want, tokpfx, lease_until, out, status)
     status.next_at = nxt
   end
   return got
+end
+
+------------------------------------------------------------------------------------------------
+-- Handoff to idle workers
+------------------------------------------------------------------------------------------------
+
+local function split_member(member)
+  local sep = string.find(member, '|', 1, true)
+  return string.sub(member, 1, sep - 1), tonumber(string.sub(member, sep + 1))
+end
+
+-- Lease startable jobs to registered idle workers (one per registration) and push each into its
+-- worker's inbox, so an idle worker gets its job in the same round trip that made it startable.
+local function handoff(B, M, now)
+  local ik = B .. ':idle'
+  rcall('ZREMRANGEBYSCORE', ik, '-inf', now)
+  while true do
+    local w = rcall('ZRANGE', ik, 0, 0)
+    if not w[1] then return end
+    local pfx, lease = split_member(w[1])
+    local out = {}
+    if fetch(B, M, now, 1, pfx, now + lease, out, {}, true) == 0 then return end
+    rcall('ZREM', ik, w[1])
+    local lk = B .. ':w:' .. pfx
+    rcall('RPUSH', lk, cjson.encode(out))
+    rcall('PEXPIRE', lk, lease + 60000)
+  end
+end
+
+local function flush_wakes(now)
+  local i = 1
+  while WAKE_QUEUE[i] do
+    handoff(WAKE_QUEUE[i].B, WAKE_QUEUE[i], now)
+    i = i + 1
+  end
+  for B in pairs(POKE) do
+    local ik = B .. ':idle'
+    local w = rcall('ZRANGEBYSCORE', ik, now, '+inf', 'LIMIT', 0, 1)
+    if w[1] then
+      rcall('ZREM', ik, w[1])
+      local lk = B .. ':w:' .. split_member(w[1])
+      rcall('RPUSH', lk, '')
+      rcall('PEXPIRE', lk, 60000)
+    end
+  end
 end

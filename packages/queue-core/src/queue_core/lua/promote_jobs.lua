@@ -19,4 +19,5 @@ for _, id in ipairs(ids) do
   place_waiting(B, M, id, tonumber(f[1]) or 0, f[2], tonumber(f[3]) or 0, f[4] == '1', 'tail')
   emit(B, M, 'e', 'waiting', 'id', id, 'prev', 'delayed')
 end
+flush_wakes(now_ms())
 return #ids

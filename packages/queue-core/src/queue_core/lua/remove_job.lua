@@ -32,4 +32,5 @@ end
 delete_job_keys(B, id)
 rcall('DEL', B .. ':deps:' .. id, B .. ':cres:' .. id, B .. ':cfail:' .. id)
 emit(B, M, 'e', 'removed', 'id', id)
+flush_wakes(now_ms())
 return 1

@@ -17,4 +17,5 @@ for _, id in ipairs(ids) do
   emit(B, M, 'e', 'waiting', 'id', id, 'prev', state)
 end
 if #ids > 0 then rcall('ZREM', sk, unpack(ids)) end
+flush_wakes(now_ms())
 return #ids

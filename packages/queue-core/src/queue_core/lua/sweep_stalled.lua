@@ -40,4 +40,5 @@ for _, id in ipairs(expired) do
   end
 end
 apply_trims(trims, now)
+flush_wakes(now)
 return { 1, requeued, failed }
