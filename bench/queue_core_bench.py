@@ -255,8 +255,11 @@ def commands_per_job(url: str, n: int) -> tuple[float, float]:
         inner = 0
         # commands issued from scripts are counted too; the client-sent ones are these:
         # Scripts never call these, so their counts are exactly what clients sent.
-        top = sum(int(v["calls"]) for k, v in stats.items()
-                  if k in ("cmdstat_evalsha", "cmdstat_blpop", "cmdstat_script|load"))  # fmt: skip
+        top = sum(
+            int(v["calls"])
+            for k, v in stats.items()
+            if k in ("cmdstat_evalsha", "cmdstat_blpop", "cmdstat_script|load")
+        )
         return all_calls - inner, top
 
     name = _name("cmds")
@@ -283,7 +286,9 @@ def commands_per_job(url: str, n: int) -> tuple[float, float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--jobs", type=int, default=20_000)
     parser.add_argument("--latency-jobs", type=int, default=2000)
     parser.add_argument("--only", default="", help="comma-separated metric groups to run")
@@ -301,7 +306,10 @@ def main() -> None:
 
         server = RedisServer().start()
         url = server.url
-    result: dict[str, Any] = {"jobs": args.jobs, "redis": "REDIS_URL" if server is None else "private valkey"}
+    result: dict[str, Any] = {
+        "jobs": args.jobs,
+        "redis": "REDIS_URL" if server is None else "private valkey",
+    }
     runs: dict[str, list[float]] = {}
 
     def measure(key: str, fn: Any, digits: int = 0) -> None:

@@ -14,8 +14,8 @@ from collections.abc import AsyncIterator, Callable, Iterator
 
 import pytest
 import redis as sync_redis
-from devstack import RedisServer
 
+from devstack import RedisServer
 from queue_core import connect
 from queue_core.types import RedisClient
 
@@ -42,8 +42,10 @@ async def redis(redis_url: str) -> AsyncIterator[RedisClient]:
 
 
 @pytest.fixture
-def queue_name() -> str:
-    return f"t-{uuid.uuid4().hex[:12]}"
+def queue_name(_test_cleanup: list[str]) -> str:
+    name = f"t-{uuid.uuid4().hex[:12]}"
+    _test_cleanup.append(name)
+    return name
 
 
 @pytest.fixture
@@ -62,11 +64,15 @@ def private_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable
 
 
 @pytest.fixture(autouse=True)
-async def _close_leftover_workers(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[None]:
-    """A test that fails midway leaves its workers running: close them (bounded) at teardown."""
+async def _test_cleanup(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[list[str]]:
+    """Teardown for every test: close workers a failing test left running (bounded), then delete
+    the keys of the test's queues (never anything else: the server may be shared)."""
     from queue_core import Worker
 
     started: list[Worker] = []
+    names: list[str] = []
     original = Worker.start
 
     def tracking_start(self: Worker) -> None:
@@ -74,10 +80,19 @@ async def _close_leftover_workers(monkeypatch: pytest.MonkeyPatch) -> AsyncItera
         original(self)
 
     monkeypatch.setattr(Worker, "start", tracking_start)
-    yield
+    yield names
     for worker in started:
         if worker.running:
             try:
                 await asyncio.wait_for(worker.close(0.5), 15)
             except TimeoutError:
                 pass
+    if names:
+        client = connect(redis_url)
+        try:
+            for name in names:
+                for pattern in (f"qc:{{{name}*", f"test:{name}:*"):
+                    async for key in client.scan_iter(match=pattern, count=1000):
+                        await client.delete(key)
+        finally:
+            await client.aclose()

@@ -46,9 +46,14 @@ async def check_consistency(queue: Queue) -> dict[str, str]:
     def note(job_id: Any, state: str) -> None:
         where.setdefault(_s(job_id), []).append(state)
 
-    for set_name, state in (("wait", "waiting"), ("active", "active"), ("delayed", "delayed"),
-                            ("completed", "completed"), ("failed", "failed"),
-                            ("wc", "waiting-children")):  # fmt: skip
+    for set_name, state in (
+        ("wait", "waiting"),
+        ("active", "active"),
+        ("delayed", "delayed"),
+        ("completed", "completed"),
+        ("failed", "failed"),
+        ("wc", "waiting-children"),
+    ):
         for job_id in await r.zrange(k(set_name), 0, -1):
             note(job_id, state)
     grouped = 0
@@ -88,7 +93,9 @@ async def check_consistency(queue: Queue) -> dict[str, str]:
     for gid in [_s(g) for g in await r.zrange(k("groups"), 0, -1)]:
         a = int(await r.hget(k(f"gm:{gid}"), "a") or 0)
         if a != active_per_group.get(gid, 0):
-            problems.append(f"group {gid}: counter a={a}, active jobs={active_per_group.get(gid, 0)}")
+            problems.append(
+                f"group {gid}: counter a={a}, active jobs={active_per_group.get(gid, 0)}"
+            )
     assert not problems, "inconsistent queue:\n" + "\n".join(problems)
     return {job_id: states[0] for job_id, states in where.items()}
 

@@ -26,7 +26,9 @@ from queue_core.types import RedisClient
 from .helpers import Collector, check_consistency, wait_for
 
 
-async def test_queue_created_on_first_use_with_shared_hash_tag(redis: RedisClient, queue_name: str) -> None:
+async def test_queue_created_on_first_use_with_shared_hash_tag(
+    redis: RedisClient, queue_name: str
+) -> None:
     q = Queue(queue_name, redis)
     assert await redis.exists(q.keys.meta) == 0
     job = await q.add("greet", {"hello": "world"})
@@ -62,7 +64,9 @@ async def test_duplicate_job_id_returns_existing_job_and_emits_duplicated(
     assert ("duplicated", "msg-42") in names
 
 
-async def test_concurrent_duplicate_adds_create_one_job(redis: RedisClient, queue_name: str) -> None:
+async def test_concurrent_duplicate_adds_create_one_job(
+    redis: RedisClient, queue_name: str
+) -> None:
     q = Queue(queue_name, redis)
     jobs = await asyncio.gather(*(q.add("x", i, job_id="same") for i in range(50)))
     assert {j.id for j in jobs} == {"same"}
@@ -97,7 +101,9 @@ async def test_invalid_options_raise_typed_error_naming_the_field(
     assert await redis.exists(q.keys.key("wait")) == 0, "nothing was stored"
 
 
-async def test_non_json_payload_and_oversize_payload_are_refused(redis: RedisClient, queue_name: str) -> None:
+async def test_non_json_payload_and_oversize_payload_are_refused(
+    redis: RedisClient, queue_name: str
+) -> None:
     q = Queue(queue_name, redis, max_payload_bytes=100)
     with pytest.raises(SerializationError):
         await q.add("x", {"when": object()})
@@ -124,7 +130,9 @@ async def test_add_bulk_is_one_round_trip_and_validates_everything_first(
     assert (await q.get_job_counts())["waiting"] == 1200
 
 
-async def test_priorities_lower_first_and_fifo_within_a_priority(redis: RedisClient, queue_name: str) -> None:
+async def test_priorities_lower_first_and_fifo_within_a_priority(
+    redis: RedisClient, queue_name: str
+) -> None:
     q = Queue(queue_name, redis)
     order = [(5, "a"), (1, "b"), (3, "c"), (1, "d"), (0, "e"), (5, "f"), (3, "g"), (0, "h")]
     for prio, label in order:
@@ -139,7 +147,9 @@ async def test_priorities_lower_first_and_fifo_within_a_priority(redis: RedisCli
     assert collector.seen == ["e", "h", "b", "d", "c", "g", "a", "f"]
 
 
-async def test_lifo_jobs_run_newest_first_ahead_of_fifo_jobs(redis: RedisClient, queue_name: str) -> None:
+async def test_lifo_jobs_run_newest_first_ahead_of_fifo_jobs(
+    redis: RedisClient, queue_name: str
+) -> None:
     q = Queue(queue_name, redis)
     await q.add("x", "fifo-1")
     await q.add("x", "lifo-1", lifo=True)
@@ -176,7 +186,9 @@ async def test_delayed_jobs_wait_their_delay_and_keep_fifo_for_equal_times(
     assert await q.get_state(early.id) is JobState.COMPLETED
 
 
-async def test_idle_worker_wakes_for_delayed_job_without_a_new_add(redis: RedisClient, queue_name: str) -> None:
+async def test_idle_worker_wakes_for_delayed_job_without_a_new_add(
+    redis: RedisClient, queue_name: str
+) -> None:
     q = Queue(queue_name, redis)
     collector = Collector()
     worker = Worker(q, collector, drain_delay=5.0)
@@ -187,7 +199,9 @@ async def test_idle_worker_wakes_for_delayed_job_without_a_new_add(redis: RedisC
     await collector.wait(1, timeout=3)
     took = time.monotonic() - t0
     await worker.close(5)
-    assert 0.28 <= took < 1.5, f"delayed job ran after {took:.3f}s (expected ~0.3s, not the 5s idle block)"
+    assert 0.28 <= took < 1.5, (
+        f"delayed job ran after {took:.3f}s (expected ~0.3s, not the 5s idle block)"
+    )
 
 
 async def test_backoff_option_forms(redis: RedisClient, queue_name: str) -> None:

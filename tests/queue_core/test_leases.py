@@ -22,8 +22,9 @@ WORKER_SCRIPT = Path(__file__).with_name("worker_process.py")
 def spawn_worker(url: str, queue: str, mode: str, concurrency: int = 1) -> subprocess.Popen[str]:
     proc = subprocess.Popen(
         [sys.executable, str(WORKER_SCRIPT), url, queue, mode, str(concurrency)],
-        stdout=subprocess.PIPE, text=True,
-    )  # fmt: skip
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     assert proc.stdout is not None
     assert proc.stdout.readline().strip() == "ready"
     return proc
@@ -53,7 +54,9 @@ async def test_lease_is_renewed_for_long_jobs(redis: RedisClient, queue_name: st
     assert stored is not None and stored.stalled_count == 0 and worker.stats["lost"] == 0
 
 
-async def test_all_concurrent_leases_renewed_in_one_batch(redis: RedisClient, queue_name: str) -> None:
+async def test_all_concurrent_leases_renewed_in_one_batch(
+    redis: RedisClient, queue_name: str
+) -> None:
     q = Queue(queue_name, redis)
     release = asyncio.Event()
 
@@ -111,7 +114,9 @@ async def test_expired_lease_is_taken_over_and_the_slow_worker_is_told(
     await check_consistency(q)
 
 
-async def test_stolen_lease_is_reported_and_running_job_cancelled(redis: RedisClient, queue_name: str) -> None:
+async def test_stolen_lease_is_reported_and_running_job_cancelled(
+    redis: RedisClient, queue_name: str
+) -> None:
     q = Queue(queue_name, redis)
     cancelled = asyncio.Event()
 
@@ -176,7 +181,9 @@ async def _scard(redis: RedisClient, key: str, n: int) -> bool:
     return int(await redis.scard(key)) >= n  # type: ignore[misc]
 
 
-async def test_job_failing_by_stalls_beyond_max_stalled_count(redis: RedisClient, queue_name: str) -> None:
+async def test_job_failing_by_stalls_beyond_max_stalled_count(
+    redis: RedisClient, queue_name: str
+) -> None:
     q = Queue(queue_name, redis)
     job = await q.add("x", None)
     events = QueueEvents(queue_name, redis, block_ms=100)
@@ -228,7 +235,9 @@ async def test_close_waits_for_running_jobs(redis: RedisClient, queue_name: str)
     await check_consistency(q)
 
 
-async def test_close_timeout_returns_running_jobs_to_wait_at_once(redis: RedisClient, queue_name: str) -> None:
+async def test_close_timeout_returns_running_jobs_to_wait_at_once(
+    redis: RedisClient, queue_name: str
+) -> None:
     q = Queue(queue_name, redis)
 
     async def proc(job: Job) -> None:

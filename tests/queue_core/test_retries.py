@@ -23,7 +23,9 @@ from queue_core.types import RedisClient
 from .helpers import check_consistency, wait_for
 
 
-async def test_retries_until_success_with_error_history(redis: RedisClient, queue_name: str) -> None:
+async def test_retries_until_success_with_error_history(
+    redis: RedisClient, queue_name: str
+) -> None:
     q = Queue(queue_name, redis)
     calls = 0
 
@@ -42,7 +44,10 @@ async def test_retries_until_success_with_error_history(redis: RedisClient, queu
     stored = await q.get_job(job.id)
     assert stored is not None
     assert calls == 3 and stored.attempts_made == 3 and stored.attempts_started == 3
-    assert [e["error"] for e in stored.error_history] == ["RuntimeError: boom 0", "RuntimeError: boom 1"]
+    assert [e["error"] for e in stored.error_history] == [
+        "RuntimeError: boom 0",
+        "RuntimeError: boom 1",
+    ]
     assert worker.stats["retried"] == 2 and worker.stats["completed"] == 1
 
 
@@ -119,7 +124,9 @@ async def test_unrecoverable_error_fails_at_once(redis: RedisClient, queue_name:
     assert await q.get_state(job.id) is JobState.FAILED
 
 
-async def test_final_failure_lands_in_dead_letter_queue_with_history(redis: RedisClient, queue_name: str) -> None:
+async def test_final_failure_lands_in_dead_letter_queue_with_history(
+    redis: RedisClient, queue_name: str
+) -> None:
     q = Queue(queue_name, redis)
     await q.configure(QueueSettings(dead_letter_queue=f"{queue_name}-dlq"))
     dlq = q.dead_letter_queue()
@@ -137,7 +144,10 @@ async def test_final_failure_lands_in_dead_letter_queue_with_history(redis: Redi
     assert len(dead) == 1
     d = dead[0]
     assert d.name == "send" and d.data == {"to": "x"}
-    assert [e["error"] for e in d.error_history] == ["RuntimeError: fail #1", "RuntimeError: fail #2"]
+    assert [e["error"] for e in d.error_history] == [
+        "RuntimeError: fail #1",
+        "RuntimeError: fail #2",
+    ]
     raw = await redis.hgetall(dlq.keys.job(d.id))
     assert raw[b"srcid"] == job.id.encode() and raw[b"srcatm"] == b"2"
     await check_consistency(q)
@@ -170,7 +180,9 @@ async def test_timeout_cancels_and_retries_then_fails(redis: RedisClient, queue_
     assert stored is not None and stored.attempts_made == 1
 
 
-async def test_processor_timeout_error_is_not_mistaken_for_job_timeout(redis: RedisClient, queue_name: str) -> None:
+async def test_processor_timeout_error_is_not_mistaken_for_job_timeout(
+    redis: RedisClient, queue_name: str
+) -> None:
     q = Queue(queue_name, redis)
 
     async def proc(job: Job) -> None:
@@ -183,7 +195,9 @@ async def test_processor_timeout_error_is_not_mistaken_for_job_timeout(redis: Re
         await q.wait_until_finished(job.id, 5)
     await worker.close(5)
     stored = await q.get_job(job.id)
-    assert stored is not None and stored.attempts_made == 2, "a processor's own TimeoutError is retried"
+    assert stored is not None and stored.attempts_made == 2, (
+        "a processor's own TimeoutError is retried"
+    )
 
 
 async def test_delay_job_does_not_use_an_attempt(redis: RedisClient, queue_name: str) -> None:

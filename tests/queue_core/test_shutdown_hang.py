@@ -7,6 +7,7 @@ because the race is timing dependent (before the fix about one run in three hung
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
 import textwrap
@@ -39,9 +40,15 @@ SCRIPT = textwrap.dedent(
 )
 
 
-async def test_unclosed_workers_do_not_hang_loop_shutdown(redis: RedisClient, redis_url: str) -> None:
-    done = subprocess.run(
-        [sys.executable, "-c", SCRIPT, redis_url, "20", "0.05"], capture_output=True, text=True, timeout=45
+async def test_unclosed_workers_do_not_hang_loop_shutdown(
+    redis: RedisClient, redis_url: str
+) -> None:
+    done = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-c", SCRIPT, redis_url, "20", "0.05"],
+        capture_output=True,
+        text=True,
+        timeout=45,
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() == "exited"

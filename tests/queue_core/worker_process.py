@@ -26,8 +26,14 @@ async def main(url: str, name: str, mode: str, concurrency: int) -> None:
         await asyncio.sleep(0.02)
         return "ok"
 
-    worker = Worker(queue, proc, concurrency=concurrency, lock_duration=1000, stalled_interval=300,
-                    shutdown_timeout=5)  # fmt: skip
+    worker = Worker(
+        queue,
+        proc,
+        concurrency=concurrency,
+        lock_duration=1000,
+        stalled_interval=300,
+        shutdown_timeout=5,
+    )
     worker.start()
     print("ready", flush=True)
     await worker.run(handle_signals=True)
@@ -35,4 +41,6 @@ async def main(url: str, name: str, mode: str, concurrency: int) -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(main(sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]) if len(sys.argv) > 4 else 1))
+    asyncio.run(
+        main(sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]) if len(sys.argv) > 4 else 1)
+    )

@@ -109,14 +109,21 @@ class RedisServer:
     def _argv(self) -> list[str]:
         argv = [
             find_server_binary(),
-            "--bind", self.host,
-            "--port", str(self.port),
-            "--dir", str(self.data_dir),
-            "--logfile", str(self.log_path),
-            "--daemonize", "no",
-            "--protected-mode", "no",
-            "--maxmemory-policy", "noeviction",
-        ]  # fmt: skip
+            "--bind",
+            self.host,
+            "--port",
+            str(self.port),
+            "--dir",
+            str(self.data_dir),
+            "--logfile",
+            str(self.log_path),
+            "--daemonize",
+            "no",
+            "--protected-mode",
+            "no",
+            "--maxmemory-policy",
+            "noeviction",
+        ]
         if self.persist:
             argv += ["--appendonly", "yes", "--appendfsync", "everysec", "--save", "60 1"]
         else:
@@ -136,7 +143,9 @@ class RedisServer:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self._process.poll() is not None:
-                raise ServerError(f"server exited with {self._process.returncode}: {self._log_tail()}")
+                raise ServerError(
+                    f"server exited with {self._process.returncode}: {self._log_tail()}"
+                )
             if _ping(self.host, self.port):
                 return self
             time.sleep(0.02)
@@ -189,7 +198,10 @@ class RedisServer:
         return self.start()
 
     def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
     ) -> None:
         self.cleanup()
 
@@ -202,9 +214,15 @@ class RedisCluster:
         self.nodes = [
             RedisServer(
                 data_dir=self.base_dir / f"node{i}",
-                extra_args=["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
-                            "--cluster-node-timeout", "2000"],
-            )  # fmt: skip
+                extra_args=[
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-config-file",
+                    "nodes.conf",
+                    "--cluster-node-timeout",
+                    "2000",
+                ],
+            )
             for i in range(masters)
         ]
 
@@ -230,8 +248,10 @@ class RedisCluster:
             _command(first.host, first.port, "CLUSTER", "MEET", node.host, str(node.port))
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if all(b"cluster_state:ok" in _command(n.host, n.port, "CLUSTER", "INFO")
-                   for n in self.nodes):  # fmt: skip
+            if all(
+                b"cluster_state:ok" in _command(n.host, n.port, "CLUSTER", "INFO")
+                for n in self.nodes
+            ):
                 return self
             time.sleep(0.05)
         self.cleanup()
@@ -246,6 +266,9 @@ class RedisCluster:
         return self.start()
 
     def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
     ) -> None:
         self.cleanup()

@@ -23,10 +23,23 @@ log = logging.getLogger("queue_core.events")
 
 EVENT_NAMES = frozenset(
     {
-        "waiting", "delayed", "active", "progress", "completed", "failed", "retrying", "stalled",
-        "duplicated", "deduplicated", "removed", "drained", "paused", "resumed", "cleaned",
+        "waiting",
+        "delayed",
+        "active",
+        "progress",
+        "completed",
+        "failed",
+        "retrying",
+        "stalled",
+        "duplicated",
+        "deduplicated",
+        "removed",
+        "drained",
+        "paused",
+        "resumed",
+        "cleaned",
     }
-)  # fmt: skip
+)
 
 
 def _s(value: bytes | str) -> str:
@@ -77,6 +90,7 @@ class QueueEvents:
         self.keys = QueueKeys.of(name, prefix, tag)
         self._own = isinstance(redis, str)
         self.redis: RedisClient = connect(redis) if isinstance(redis, str) else redis
+        self._r: Any = self.redis
         self.last_id = last_id
         self.block_ms = block_ms
         self.count = count
@@ -84,7 +98,7 @@ class QueueEvents:
 
     async def _resolve_start(self) -> None:
         if self.last_id == "$":
-            newest = await self.redis.xrevrange(self.keys.events, count=1)
+            newest = await self._r.xrevrange(self.keys.events, count=1)
             self.last_id = _s(newest[0][0]) if newest else "0-0"
 
     async def read(self) -> list[QueueEvent]:
@@ -93,7 +107,7 @@ class QueueEvents:
         deadline = self.block_ms / 1000 + 5.0
         try:
             reply = await asyncio.wait_for(
-                self.redis.xread(
+                self._r.xread(
                     {self.keys.events: self.last_id}, count=self.count, block=self.block_ms
                 ),
                 deadline,

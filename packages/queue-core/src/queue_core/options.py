@@ -6,8 +6,8 @@ import math
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields, replace
-from functools import lru_cache
 from datetime import datetime, timedelta
+from functools import lru_cache
 from typing import TYPE_CHECKING, Any, Literal
 
 from queue_core.errors import InvalidOptionError
@@ -85,15 +85,16 @@ class Backoff:
 
     def compute(self, attempts_made: int, rng: Callable[[], float] = random.random) -> int:
         """Delay in ms before the next attempt, after `attempts_made` failed attempts."""
+        d: float
         if self.type == "exponential":
-            d = self.delay * 2 ** max(0, attempts_made - 1)
+            d = float(self.delay * 2 ** max(0, attempts_made - 1))
         else:
-            d = self.delay
+            d = float(self.delay)
         if self.max_delay is not None:
             d = min(d, self.max_delay)
         if self.jitter:
             d = d * (1 - self.jitter * rng())
-        return int(round(d))
+        return math.floor(d + 0.5)
 
 
 @dataclass(frozen=True, slots=True)
@@ -192,7 +193,9 @@ class JobOptions:
         if self.job_id is not None:
             jid = self.job_id
             if not isinstance(jid, str) or not jid or len(jid) > 256:
-                raise InvalidOptionError("job_id", "must be a non-empty string of at most 256 chars")
+                raise InvalidOptionError(
+                    "job_id", "must be a non-empty string of at most 256 chars"
+                )
             if jid.isdigit():
                 raise InvalidOptionError("job_id", "must not be all digits (reserved for auto ids)")
             if any(c.isspace() for c in jid):
@@ -254,10 +257,13 @@ class JobOptions:
 @lru_cache(maxsize=256)
 def _hash_fields(opts: JobOptions) -> tuple[str, ...]:
     out = [
-        "att", str(opts.attempts),
-        "roc", _encode_remove(opts.remove_on_complete, "remove_on_complete"),
-        "rof", _encode_remove(opts.remove_on_fail, "remove_on_fail"),
-    ]  # fmt: skip
+        "att",
+        str(opts.attempts),
+        "roc",
+        _encode_remove(opts.remove_on_complete, "remove_on_complete"),
+        "rof",
+        _encode_remove(opts.remove_on_fail, "remove_on_fail"),
+    ]
     if isinstance(opts.backoff, Backoff):
         out += ["bo", opts.backoff.encode()]
     if opts.timeout is not None:
@@ -299,13 +305,12 @@ class QueueSettings:
             raise InvalidOptionError("concurrency", "must be a positive integer or None")
         for name in ("rate_limit", "group_rate_limit"):
             value = getattr(self, name)
-            if value is not None:
-                if (
-                    not isinstance(value, tuple)
-                    or len(value) != 2
-                    or not all(isinstance(v, int) and v > 0 for v in value)
-                ):
-                    raise InvalidOptionError(name, "must be (max jobs, duration ms), both positive")
+            if value is not None and (
+                not isinstance(value, tuple)
+                or len(value) != 2
+                or not all(isinstance(v, int) and v > 0 for v in value)
+            ):
+                raise InvalidOptionError(name, "must be (max jobs, duration ms), both positive")
         if not isinstance(self.group_concurrency, int) or self.group_concurrency < 1:
             raise InvalidOptionError("group_concurrency", "must be a positive integer")
         if not isinstance(self.max_events, int) or self.max_events < 10:

@@ -11,7 +11,7 @@ from typing import Any
 
 import msgpack
 import orjson
-from redis.exceptions import NoScriptError
+from redis.exceptions import NoScriptError, ResponseError
 
 from queue_core.connection import connect
 from queue_core.errors import (
@@ -28,7 +28,7 @@ from queue_core.job import Job, JobState
 from queue_core.keys import QueueKeys
 from queue_core.options import JobOptions, QueueSettings
 from queue_core.scripts import scripts
-from queue_core.types import GroupInfo, JobCounts, RedisClient
+from queue_core.types import GroupInfo, JobCounts, RedisClient, as_str
 
 __all__ = ["BulkJob", "Queue"]
 
@@ -49,10 +49,18 @@ def _control(opts: JobOptions) -> tuple[Any, ...]:
     dedup = opts.dedup
     ready_at = int(opts.run_at.timestamp() * 1000) if opts.run_at is not None else 0
     return (
-        opts.job_id or "", opts.priority, opts.delay, ready_at, 1 if opts.lifo else 0,
-        opts.group or "", opts.group_weight, opts.group_max_size,
-        dedup.id if dedup else "", (dedup.ttl or 0) if dedup else 0, dedup.mode if dedup else "",
-    )  # fmt: skip
+        opts.job_id or "",
+        opts.priority,
+        opts.delay,
+        ready_at,
+        1 if opts.lifo else 0,
+        opts.group or "",
+        opts.group_weight,
+        opts.group_max_size,
+        dedup.id if dedup else "",
+        (dedup.ttl or 0) if dedup else 0,
+        dedup.mode if dedup else "",
+    )
 
 
 @dataclass(slots=True)
@@ -87,6 +95,8 @@ class Queue:
         self.tag = tag
         self._own = isinstance(redis, str)
         self.redis: RedisClient = connect(redis) if isinstance(redis, str) else redis
+        # redis-py's overloaded reply types do not narrow for async clients: call through Any
+        self._r: Any = self.redis
         self.default_options = default_options or JobOptions()
         if max_payload_bytes <= 0:
             raise InvalidOptionError("max_payload_bytes", "must be positive")
@@ -112,7 +122,12 @@ class Queue:
             await self.redis.aclose()
 
     async def _call(self, script: str, *args: Any) -> Any:
-        return await self._scripts[script](self.redis, self._route, [self._base, *args])
+        try:
+            return await self._scripts[script](self.redis, self._route, [self._base, *args])
+        except ResponseError as exc:
+            # Scripts refuse invalid operations with error replies ("obliterate: pause the
+            # queue first"); callers get our typed error with the same message.
+            raise QueueError(str(exc).split(" script:", 1)[0]) from exc
 
     # -- adding ---------------------------------------------------------------------------
 
@@ -149,7 +164,7 @@ class Queue:
             # in flight queue up and go together in the next call.
             self._flushing = True
             try:
-                (job_id, status, extra), = await self._add_many([args])
+                ((job_id, status, extra),) = await self._add_many([args])
             finally:
                 self._flushing = False
                 if self._pending and not self._flush_scheduled:
@@ -188,7 +203,9 @@ class Queue:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _flush(self, batch: list[tuple[list[Any], asyncio.Future[tuple[str, int, Any]]]]) -> None:
+    async def _flush(
+        self, batch: list[tuple[list[Any], asyncio.Future[tuple[str, int, Any]]]]
+    ) -> None:
         try:
             results = await self._add_many([args for args, _ in batch])
         except BaseException as exc:
@@ -221,27 +238,32 @@ class Queue:
             for i in range(0, len(reply), 3):
                 raw_id = reply[i]
                 out.append(
-                    (raw_id.decode() if isinstance(raw_id, bytes) else raw_id, int(reply[i + 1]),
-                     reply[i + 2])
-                )  # fmt: skip
+                    (
+                        raw_id.decode() if isinstance(raw_id, bytes) else raw_id,
+                        int(reply[i + 1]),
+                        reply[i + 2],
+                    )
+                )
         return out
 
     async def _pipeline_script(self, name: str, arg_lists: list[list[Any]]) -> list[Any]:
         """Run one script several times in one round trip (not atomic across calls)."""
         script = self._scripts[name]
         for attempt in range(2):
-            pipe = self.redis.pipeline(transaction=False)
+            pipe = self._r.pipeline(transaction=False)
             for args in arg_lists:
-                pipe.evalsha(script.sha, len(self._route), *self._route, *args)  # type: ignore[no-untyped-call]
+                pipe.evalsha(script.sha, len(self._route), *self._route, *args)
             try:
                 return list(await pipe.execute())
             except NoScriptError:
                 if attempt:
                     raise
-                await self.redis.script_load(script.source)  # type: ignore[no-untyped-call]
+                await self._r.script_load(script.source)
         raise AssertionError("unreachable")  # pragma: no cover
 
-    async def add_bulk(self, jobs: Iterable[BulkJob | tuple[str, Any] | tuple[str, Any, JobOptions]]) -> list[Job]:
+    async def add_bulk(
+        self, jobs: Iterable[BulkJob | tuple[str, Any] | tuple[str, Any, JobOptions]]
+    ) -> list[Job]:
         """Add many jobs in one round trip. Each job is validated before anything is sent."""
         prepared: list[tuple[str, Any, JobOptions]] = []
         for item in jobs:
@@ -312,12 +334,12 @@ class Queue:
         await self._configure({"paused": "0"})
 
     async def is_paused(self) -> bool:
-        return bool(await self.redis.hget(self.keys.meta, "paused") in (b"1", "1"))
+        return await self._r.hget(self.keys.meta, "paused") in (b"1", "1")
 
     # -- inspection ---------------------------------------------------------------------------
 
     async def get_job(self, job_id: str) -> Job | None:
-        raw = await self.redis.hgetall(self.keys.job(job_id))  # type: ignore[misc]
+        raw = await self._r.hgetall(self.keys.job(job_id))
         if not raw:
             return None
         return Job.from_hash(self, job_id, raw)
@@ -325,24 +347,33 @@ class Queue:
     async def get_state(self, job_id: str) -> JobState | None:
         """The job's state, or None when no such job exists."""
         raw = await self._call("get_state", job_id)
-        state = raw.decode() if isinstance(raw, bytes) else raw
+        state = as_str(raw)
         return None if state == "missing" else JobState(state)
 
     async def get_job_counts(self) -> JobCounts:
         r = [int(x) for x in await self._call("get_counts")]
         return JobCounts(
-            waiting=r[0], prioritized=r[1], delayed=r[2], active=r[3], completed=r[4],
-            failed=r[5], waiting_children=r[6], paused=bool(r[7]), groups=r[8],
+            waiting=r[0],
+            prioritized=r[1],
+            delayed=r[2],
+            active=r[3],
+            completed=r[4],
+            failed=r[5],
+            waiting_children=r[6],
+            paused=bool(r[7]),
+            groups=r[8],
             grouped_waiting=r[9],
-        )  # fmt: skip
+        )
 
-    async def list_job_ids(self, state: JobState | str, start: int = 0, count: int = 100) -> list[str]:
+    async def list_job_ids(
+        self, state: JobState | str, start: int = 0, count: int = 100
+    ) -> list[str]:
         """Ids in one state, paged. Waiting lists ungrouped jobs first, then each group in name
         order; completed and failed list the newest first; the others in processing order."""
         state = JobState(state)
         if start < 0 or count < 0:
             raise InvalidOptionError("start", "start and count must not be negative")
-        r = self.redis
+        r = self._r
         k = self.keys.key
         raw: list[Any]
         if state is JobState.WAITING:
@@ -351,12 +382,12 @@ class Queue:
                 skip = max(0, start - await r.zcount(k("wait"), "-inf", f"({_PB}"))
                 for gid in await r.zrange(k("groups"), 0, -1):
                     gname = gid.decode() if isinstance(gid, bytes) else gid
-                    size = await r.llen(self.keys.group(gname))  # type: ignore[misc]
+                    size = await r.llen(self.keys.group(gname))
                     if skip >= size:
                         skip -= size
                         continue
                     need = count - len(raw)
-                    raw += await r.lrange(self.keys.group(gname), skip, skip + need - 1)  # type: ignore[misc]
+                    raw += await r.lrange(self.keys.group(gname), skip, skip + need - 1)
                     skip = 0
                     if len(raw) >= count:
                         break
@@ -370,21 +401,21 @@ class Queue:
             raw = await r.zrange(k("wc"), start, start + count - 1)
         else:
             raise InvalidOptionError("state", f"cannot list jobs in state {state.value!r}")
-        return [x.decode() if isinstance(x, bytes) else x for x in raw]
+        return [as_str(x) for x in raw]
 
     async def list_jobs(self, state: JobState | str, start: int = 0, count: int = 100) -> list[Job]:
         ids = await self.list_job_ids(state, start, count)
         if not ids:
             return []
-        pipe = self.redis.pipeline(transaction=False)
+        pipe = self._r.pipeline(transaction=False)
         for job_id in ids:
             pipe.hgetall(self.keys.job(job_id))
         hashes = await pipe.execute()
         return [Job.from_hash(self, i, h) for i, h in zip(ids, hashes, strict=True) if h]
 
     async def get_job_logs(self, job_id: str, start: int = 0, end: int = -1) -> list[str]:
-        lines = await self.redis.lrange(self.keys.logs(job_id), start, end)  # type: ignore[misc]
-        return [x.decode() if isinstance(x, bytes) else x for x in lines]
+        lines = await self._r.lrange(self.keys.logs(job_id), start, end)
+        return [as_str(x) for x in lines]
 
     async def wait_until_finished(self, job_id: str, timeout: float | None = None) -> Any:
         """Wait until the job completes (returns its result) or fails (`JobFailedError`).
@@ -399,7 +430,14 @@ class Queue:
         try:
             state = await self.get_state(job_id)
             if state is None:
-                raise JobNotFoundError(f"no job {job_id!r} in queue {self.name!r}")
+                # Retention may already have deleted a finished job: its final event remains.
+                final = await self._recent_final_event(job_id)
+                if final is None:
+                    raise JobNotFoundError(f"no job {job_id!r} in queue {self.name!r}")
+                event, payload = final
+                if event == "failed":
+                    raise JobFailedError(job_id, payload)
+                return orjson.loads(payload) if payload else None
             if state in (JobState.COMPLETED, JobState.FAILED):
                 job = await self.get_job(job_id)
                 if job is not None:
@@ -413,6 +451,23 @@ class Queue:
         if event == "failed":
             raise JobFailedError(job_id, payload)
         return orjson.loads(payload) if payload else None
+
+    async def _recent_final_event(
+        self, job_id: str, lookback: int = 2000
+    ) -> tuple[str, str] | None:
+        entries = await self._r.xrevrange(self.keys.events, count=lookback)
+        for _, raw in entries:
+            fields = {(k.decode() if isinstance(k, bytes) else k): v for k, v in raw.items()}
+            jid = fields.get("id")
+            if jid is None or (jid.decode() if isinstance(jid, bytes) else jid) != job_id:
+                continue
+            event = fields.get("e")
+            event = event.decode() if isinstance(event, bytes) else event
+            if event in ("completed", "failed"):
+                raw_payload = fields.get("rv" if event == "completed" else "err", b"")
+                payload = raw_payload.decode() if isinstance(raw_payload, bytes) else raw_payload
+                return str(event), payload or ""
+        return None
 
     # -- job operations used by Job ---------------------------------------------------------
 
@@ -436,7 +491,9 @@ class Queue:
         """Remove all waiting (and optionally delayed) jobs; returns how many were removed."""
         total = 0
         while True:
-            removed, remaining = (int(x) for x in await self._call("drain", "1" if delayed else "0", batch))
+            removed, remaining = (
+                int(x) for x in await self._call("drain", "1" if delayed else "0", batch)
+            )
             total += removed
             if remaining <= 0 or removed == 0:
                 return total
@@ -449,7 +506,7 @@ class Queue:
         if grace_ms < 0 or limit <= 0:
             raise InvalidOptionError("grace_ms", "grace must be >= 0 and limit > 0")
         ids = await self._call("clean", state.value, int(grace_ms), int(limit))
-        return [x.decode() if isinstance(x, bytes) else x for x in ids]
+        return [as_str(x) for x in ids]
 
     async def obliterate(self, *, force: bool = False, batch: int = 1000) -> None:
         """Delete the queue and everything in it. The queue must be paused first."""
@@ -457,17 +514,23 @@ class Queue:
             pass
         # Keys the scripts cannot enumerate (dedup keys, group rate windows) go by pattern.
         pattern = self._base.replace("[", "\\[").replace("*", "\\*").replace("?", "\\?") + ":*"
-        async for key in self.redis.scan_iter(match=pattern, count=1000):
-            await self.redis.delete(key)
+        async for key in self._r.scan_iter(match=pattern, count=1000):
+            await self._r.delete(key)
 
     async def retry_jobs(
-        self, state: JobState | str = JobState.FAILED, *, count: int = 1000, reset_attempts: bool = True
+        self,
+        state: JobState | str = JobState.FAILED,
+        *,
+        count: int = 1000,
+        reset_attempts: bool = True,
     ) -> int:
         """Move finished jobs back to waiting; returns how many moved (at most `count`)."""
         state = JobState(state)
         if state not in (JobState.FAILED, JobState.COMPLETED):
             raise InvalidOptionError("state", "must be failed or completed")
-        return int(await self._call("retry_jobs", state.value, count, "1" if reset_attempts else "0"))
+        return int(
+            await self._call("retry_jobs", state.value, count, "1" if reset_attempts else "0")
+        )
 
     async def promote_jobs(self, count: int = 1000, job_ids: Sequence[str] = ()) -> int:
         """Make delayed jobs (all, up to `count`, or the listed ones) startable now."""
@@ -504,15 +567,20 @@ class Queue:
     async def get_group_info(self, group: str) -> GroupInfo:
         r = [int(float(x)) for x in await self._group("info", group)]
         return GroupInfo(
-            waiting=r[0], active=r[1], paused=bool(r[2]), held_until=r[3], concurrency=r[4],
-            rate_limit_max=r[5], rate_limit_duration=r[6],
-        )  # fmt: skip
+            waiting=r[0],
+            active=r[1],
+            paused=bool(r[2]),
+            held_until=r[3],
+            concurrency=r[4],
+            rate_limit_max=r[5],
+            rate_limit_duration=r[6],
+        )
 
     async def list_groups(self, start: int = 0, count: int = 100) -> list[str]:
         """Groups that have waiting or active jobs or settings of their own, by name."""
-        raw = await self.redis.zrange(self.keys.key("groups"), start, start + count - 1)
-        return [x.decode() if isinstance(x, bytes) else x for x in raw]
+        raw = await self._r.zrange(self.keys.key("groups"), start, start + count - 1)
+        return [as_str(x) for x in raw]
 
     async def list_group_jobs(self, group: str, start: int = 0, count: int = 100) -> list[str]:
-        raw = await self.redis.lrange(self.keys.group(group), start, start + count - 1)  # type: ignore[misc]
-        return [x.decode() if isinstance(x, bytes) else x for x in raw]
+        raw = await self._r.lrange(self.keys.group(group), start, start + count - 1)
+        return [as_str(x) for x in raw]

@@ -15,8 +15,6 @@ from typing import Any
 
 from redis.exceptions import NoScriptError
 
-from queue_core.types import RedisClient
-
 __all__ = ["SCRIPT_NAMES", "Script", "Scripts", "load_source"]
 
 SCRIPT_NAMES = tuple(
@@ -47,12 +45,12 @@ class Script:
         source = load_source(name)
         return cls(name, source, hashlib.sha1(source.encode()).hexdigest())
 
-    async def __call__(self, client: RedisClient, keys: list[str], args: list[Any]) -> Any:
+    async def __call__(self, client: Any, keys: list[str], args: list[Any]) -> Any:
         try:
-            return await client.evalsha(self.sha, len(keys), *keys, *args)  # type: ignore[no-untyped-call]
+            return await client.evalsha(self.sha, len(keys), *keys, *args)
         except NoScriptError:
-            await client.script_load(self.source)  # type: ignore[no-untyped-call]
-            return await client.evalsha(self.sha, len(keys), *keys, *args)  # type: ignore[no-untyped-call]
+            await client.script_load(self.source)
+            return await client.evalsha(self.sha, len(keys), *keys, *args)
 
 
 class Scripts:
@@ -64,9 +62,9 @@ class Scripts:
     def __getitem__(self, name: str) -> Script:
         return self._by_name[name]
 
-    async def load_all(self, client: RedisClient) -> None:
+    async def load_all(self, client: Any) -> None:
         for script in self._by_name.values():
-            await client.script_load(script.source)  # type: ignore[no-untyped-call]
+            await client.script_load(script.source)
 
 
 @cache

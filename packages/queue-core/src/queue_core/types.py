@@ -11,7 +11,7 @@ from redis.asyncio.cluster import RedisCluster
 if TYPE_CHECKING:
     from queue_core.job import Job
 
-__all__ = ["GroupInfo", "JobCounts", "Processor", "RedisClient"]
+__all__ = ["GroupInfo", "JobCounts", "Processor", "RedisClient", "as_str"]
 
 RedisClient: TypeAlias = "Redis | RedisCluster"
 
@@ -39,3 +39,8 @@ class GroupInfo(TypedDict):
     concurrency: int
     rate_limit_max: int
     rate_limit_duration: int
+
+
+def as_str(value: Any) -> str:
+    """Decode a Redis reply item (bytes with our clients, str with decode_responses=True)."""
+    return value.decode() if isinstance(value, bytes) else str(value)

@@ -38,8 +38,14 @@ __all__ = ["HISTOGRAM_BUCKETS_MS", "Worker"]
 log = logging.getLogger("queue_core.worker")
 
 # Errors after which the same request is simply sent again once Redis answers.
-RETRYABLE = (RedisConnectionError, RedisTimeoutError, ReadOnlyError, ConnectionError, OSError,
-             TimeoutError)  # fmt: skip
+RETRYABLE = (
+    RedisConnectionError,
+    RedisTimeoutError,
+    ReadOnlyError,
+    ConnectionError,
+    OSError,
+    TimeoutError,
+)
 
 
 def _check_cancelled() -> None:
@@ -105,6 +111,7 @@ class Worker:
         if drain_delay <= 0:
             raise InvalidOptionError("drain_delay", "must be positive")
         self.redis = self.queue.redis
+        self._r: Any = self.queue._r
         self.processor = processor
         self.concurrency = concurrency
         self.lock_duration = lock_duration
@@ -176,7 +183,7 @@ class Worker:
         """Start (if needed) and run until closed. With `handle_signals`, SIGTERM and SIGINT
         trigger `close(shutdown_timeout)`."""
         loop = asyncio.get_running_loop()
-        installed: list[int] = []
+        installed: list[signal.Signals] = []
         if handle_signals:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, self._on_signal, sig)
@@ -189,7 +196,7 @@ class Worker:
             for sig in installed:
                 loop.remove_signal_handler(sig)
 
-    def _on_signal(self, sig: int) -> None:
+    def _on_signal(self, sig: signal.Signals) -> None:
         log.info("worker %s: %s received, closing", self.name, signal.Signals(sig).name)
         if self._close_task is None:
             self._close_task = asyncio.create_task(self.close(self.shutdown_timeout))
@@ -212,28 +219,41 @@ class Worker:
         if tasks:
             _, pending = await asyncio.wait(tasks, timeout=timeout)
             if pending:
-                log.warning("worker %s: %d jobs still running at close; returning them to the queue",
-                            self.name, len(pending))  # fmt: skip
+                log.warning(
+                    "worker %s: %d jobs still running at close; returning them to the queue",
+                    self.name,
+                    len(pending),
+                )
                 self._force = True
                 for task in pending:
                     task.cancel()
                 _, stuck = await asyncio.wait(pending, timeout=5.0)
-                for task in stuck:
-                    log.error("worker %s: a job ignored cancellation; its lease will expire", self.name)
+                if stuck:
+                    log.error(
+                        "worker %s: %d jobs ignored cancellation; their leases will expire",
+                        self.name,
+                        len(stuck),
+                    )
         if self._loop_task is not None:
             try:
                 await asyncio.wait_for(asyncio.shield(self._loop_task), 10.0)
             except TimeoutError:
-                log.error("worker %s: could not flush results to Redis; jobs will be recovered "
-                          "after their lease expires", self.name)  # fmt: skip
+                log.error(
+                    "worker %s: could not flush results to Redis; jobs will be recovered "
+                    "after their lease expires",
+                    self.name,
+                )
                 self._loop_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._loop_task
-        for task in [*self._aux_tasks, self._inbox_task]:
-            if task is not None and not task.done():
-                task.cancel()
+        leftovers: list[asyncio.Task[Any]] = [*self._aux_tasks]
+        if self._inbox_task is not None:
+            leftovers.append(self._inbox_task)
+        for leftover in leftovers:
+            if not leftover.done():
+                leftover.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await task
+                    await leftover
         self._done.set()
 
     # -- the driver loop: one round trip finishes a batch and leases the next one --------------
@@ -267,8 +287,9 @@ class Worker:
                 self._merge_hist(hist)
                 failures += 1
                 delay = min(5.0, 0.05 * 2**failures)
-                log.warning("worker %s: Redis unavailable (%s); retrying in %.2fs",
-                            self.name, exc, delay)  # fmt: skip
+                log.warning(
+                    "worker %s: Redis unavailable (%s); retrying in %.2fs", self.name, exc, delay
+                )
                 await self._sleep(delay)
                 continue
             except (ResponseError, RedisError):
@@ -294,8 +315,15 @@ class Worker:
         flat_hist: list[Any] = []
         for field, count in hist.items():
             flat_hist += [field, count]
-        args = [self._base, self.token_prefix, self.lock_duration, want, block_ms,
-                _pack(flat_hist), _pack(entries)]  # fmt: skip
+        args = [
+            self._base,
+            self.token_prefix,
+            self.lock_duration,
+            want,
+            block_ms,
+            _pack(flat_hist),
+            _pack(entries),
+        ]
         return await self._script["finish_fetch"](self.redis, self._route, args)
 
     def _apply(self, entries: list[list[Any]], reply: Any, want: int) -> None:
@@ -306,8 +334,13 @@ class Worker:
             self._held.pop(job_id, None)
             if code == -1:
                 self.stats["lost"] += 1
-                log.warning("worker %s: lease of job %s was lost (it stalled and was taken over); "
-                            "its %s result was discarded", self.name, job_id, entry[2])  # fmt: skip
+                log.warning(
+                    "worker %s: lease of job %s was lost (it stalled and was taken over); "
+                    "its %s result was discarded",
+                    self.name,
+                    job_id,
+                    entry[2],
+                )
         fetched = len(jobs) // 3
         for i in range(0, len(jobs), 3):
             raw_id = jobs[i]
@@ -389,15 +422,18 @@ class Worker:
             self._inbox_task.add_done_callback(self._inbox_done)
         waiter = asyncio.create_task(self._wake.wait())
         try:
-            await asyncio.wait({self._inbox_task, waiter}, timeout=timeout,
-                               return_when=asyncio.FIRST_COMPLETED)  # fmt: skip
+            await asyncio.wait(
+                {self._inbox_task, waiter}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+            )
         finally:
             waiter.cancel()
 
     async def _pop_inbox(self, timeout: float) -> Any:
         try:
             # The client-side deadline catches a connection that died without an error.
-            reply = await asyncio.wait_for(self.redis.blpop([self._inbox], timeout=timeout), timeout + 2.0)
+            reply = await asyncio.wait_for(
+                self._r.blpop([self._inbox], timeout=timeout), timeout + 2.0
+            )
         except RETRYABLE as exc:
             _check_cancelled()
             log.warning("worker %s: blocking wait failed (%s); reconnecting", self.name, exc)
@@ -422,7 +458,7 @@ class Worker:
         if task is None or task.done():
             return
         try:
-            await self.redis.rpush(self._inbox, "")  # type: ignore[misc]
+            await self._r.rpush(self._inbox, "")
             await asyncio.wait_for(asyncio.shield(task), 3.0)
         except (*RETRYABLE, RedisError):
             _check_cancelled()
@@ -445,7 +481,7 @@ class Worker:
             entry = [job.id, job.token, "l", exc.delay_ms, "g" if job.group else ""]
         except DelayJob as exc:
             entry = [job.id, job.token, "l", exc.delay_ms, "d"]
-        except Exception as exc:  # noqa: BLE001 - any processor error is a job failure
+        except Exception as exc:
             entry = self._failure(job, exc)
         else:
             try:
@@ -486,8 +522,10 @@ class Worker:
         attempts_made = job.attempts_made + 1
         message = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
         stack = "".join(traceback.format_exception(exc))[-self.stack_limit :]
-        history = [*job.error_history, {"attempt": attempts_made, "error": message,
-                                         "at": int(time.time() * 1000)}]  # fmt: skip
+        history = [
+            *job.error_history,
+            {"attempt": attempts_made, "error": message, "at": int(time.time() * 1000)},
+        ]
         errs = orjson.dumps(history[-self.error_history_limit :])
         final = (
             isinstance(exc, UnrecoverableError)
@@ -512,8 +550,12 @@ class Worker:
             return backoff.compute(attempts_made)
         strategy = self.backoff_strategies.get(backoff.type)
         if strategy is None:
-            log.error("worker %s: job %s names unknown backoff %r; failing it",
-                      self.name, job.id, backoff.type)  # fmt: skip
+            log.error(
+                "worker %s: job %s names unknown backoff %r; failing it",
+                self.name,
+                job.id,
+                backoff.type,
+            )
             return None
         try:
             delay = strategy(attempts_made, exc, job)
@@ -551,8 +593,11 @@ class Worker:
         self._held.pop(job_id, None)
         running = self._running.get(job_id)
         self.stats["lost"] += 1
-        log.warning("worker %s: lease of job %s lost; cancelling it here (another worker owns it)",
-                    self.name, job_id)  # fmt: skip
+        log.warning(
+            "worker %s: lease of job %s lost; cancelling it here (another worker owns it)",
+            self.name,
+            job_id,
+        )
         if running is not None:
             self._lost.add(job_id)
             running[1].cancel()
@@ -572,15 +617,20 @@ class Worker:
         """Run one stalled-job sweep now (unless another worker ran one this interval).
 
         Returns (requeued ids, failed ids)."""
-        swept, requeued, failed = await self._script["sweep_stalled"](
-            self.redis, self._route,
+        _swept, requeued, failed = await self._script["sweep_stalled"](
+            self.redis,
+            self._route,
             [self._base, self.stalled_interval, self.max_stalled_count, 1000],
-        )  # fmt: skip
+        )
 
         def ids(raw: list[Any]) -> list[str]:
             return [x.decode() if isinstance(x, bytes) else x for x in raw]
 
         if requeued or failed:
-            log.warning("worker %s: stalled jobs requeued=%s failed=%s",
-                        self.name, ids(requeued), ids(failed))  # fmt: skip
+            log.warning(
+                "worker %s: stalled jobs requeued=%s failed=%s",
+                self.name,
+                ids(requeued),
+                ids(failed),
+            )
         return ids(requeued), ids(failed)

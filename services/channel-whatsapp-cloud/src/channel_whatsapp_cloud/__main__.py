@@ -1,4 +1,4 @@
-"""Entry point: `python -m channel_whatsapp_cloud` or the `channel-whatsapp-cloud` console script."""
+"""Entry point: `python -m channel_whatsapp_cloud` or the `channel-whatsapp-cloud` script."""
 
 import sys
 

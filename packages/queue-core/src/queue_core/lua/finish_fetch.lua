@@ -38,9 +38,6 @@ if #handed > 0 then
   if want < 0 then want = 0 end
 end
 local mk = B .. ':metrics'
-for k = 1, #hist, 2 do
-  rcall('HINCRBY', mk, hist[k], hist[k + 1])
-end
 local codes = {}
 local trims = {}
 local ncomp, nfail = 0, 0
@@ -120,6 +117,16 @@ for e = 1, #entries do
   end
 end
 apply_trims(trims, now)
+local applied = 0
+for e = 1, #codes do
+  if codes[e] == 1 then applied = applied + 1 end
+end
+if applied > 0 then
+  -- (skipped for a batch whose leases were all lost, e.g. on an obliterated queue)
+  for k = 1, #hist, 2 do
+    rcall('HINCRBY', mk, hist[k], hist[k + 1])
+  end
+end
 if ncomp + nfail > 0 then
   local minute = math.floor(now / 60000)
   if ncomp > 0 and rcall('HINCRBY', mk, 'c:' .. minute, ncomp) == ncomp then

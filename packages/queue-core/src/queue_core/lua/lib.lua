@@ -544,13 +544,27 @@ end
 
 -- Lease up to `want` jobs. Returns the number taken; appends id, token, hash triples to `out`.
 -- status.next_at = earliest delayed job or group hold (ms) when idle; status.rl_ttl when limited.
+-- When the next delayed job or group hold is due (ms), for an idle worker's timeout.
+local function next_due(B, next_hold)
+  local d = rcall('ZRANGE', B .. ':delayed', 0, 0, 'WITHSCORES')
+  local nxt = false
+  if d[2] then nxt = tonumber(d[2]) end
+  if next_hold and (not nxt or next_hold < nxt) then nxt = next_hold end
+  return nxt
+end
+
 local function fetch(B, M, now, want, tokpfx, lease_until, out, status, skip_promote)
   local next_hold = false
   if not skip_promote then
     promote_delayed(B, M, now, 1000)
     next_hold = promote_held_groups(B, M, now)
   end
-  if M.paused or want <= 0 then return 0 end
+  if M.paused then
+    -- a paused queue still promotes due delayed jobs: keep waking for them
+    if want > 0 then status.next_at = next_due(B, next_hold) end
+    return 0
+  end
+  if want <= 0 then return 0 end
   if M.conc then
     local room = M.conc - rcall('ZCARD', B .. ':active')
     if room < want then want = room end
@@ -614,13 +628,7 @@ local function fetch(B, M, now, want, tokpfx, lease_until, out, status, skip_pro
   if got > 0 and got == want then
     wake(B, M)  -- work may remain: offer it to idle workers at the end of the script
   end
-  if got < want then
-    local d = rcall('ZRANGE', B .. ':delayed', 0, 0, 'WITHSCORES')
-    local nxt = false
-    if d[2] then nxt = tonumber(d[2]) end
-    if next_hold and (not nxt or next_hold < nxt) then nxt = next_hold end
-    status.next_at = nxt
-  end
+  if got < want then status.next_at = next_due(B, next_hold) end
   return got
 end
 
