@@ -16,8 +16,10 @@ from __future__ import annotations
 import asyncio
 import os
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Coroutine, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any, TypeVar
 
 import asyncpg
 import pytest
@@ -33,7 +35,16 @@ from tests.domain.helpers import (
     migrate,
 )
 
+T = TypeVar("T")
+
 DEFAULT_POSTGRES_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
+
+
+def run_blocking(coro: Coroutine[Any, Any, T]) -> T:
+    """Run a coroutine to completion from sync code, even when called inside a running loop
+    (session fixtures may be first requested by an async test): on a thread of its own."""
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        return pool.submit(asyncio.run, coro).result()
 
 
 def postgres_admin_url() -> str:
@@ -53,7 +64,7 @@ async def _probe(url: str) -> str | None:
 def postgres_server() -> str:
     """The admin URL of a reachable PostgreSQL server, or skip."""
     url = postgres_admin_url()
-    reason = asyncio.run(_probe(url))
+    reason = run_blocking(_probe(url))
     if reason is not None:
         pytest.skip(reason)
     return url
@@ -63,7 +74,7 @@ def postgres_server() -> str:
 def sqlite_url(tmp_path_factory: pytest.TempPathFactory) -> str:
     path: Path = tmp_path_factory.mktemp("sqlite") / "domain.db"
     url = f"sqlite+aiosqlite:///{path}"
-    asyncio.run(migrate(url, "upgrade", "head"))
+    run_blocking(migrate(url, "upgrade", "head"))
     return url
 
 
@@ -71,12 +82,12 @@ def sqlite_url(tmp_path_factory: pytest.TempPathFactory) -> str:
 def postgres_url(postgres_server: str) -> Iterator[str]:
     worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
     name = f"chat_domain_test_{worker}_{uuid.uuid4().hex[:8]}"
-    url = asyncio.run(create_database(postgres_server, name))
+    url = run_blocking(create_database(postgres_server, name))
     try:
-        asyncio.run(migrate(url, "upgrade", "head"))
+        run_blocking(migrate(url, "upgrade", "head"))
         yield url
     finally:
-        asyncio.run(drop_database(postgres_server, name))
+        run_blocking(drop_database(postgres_server, name))
 
 
 @pytest.fixture(
@@ -117,4 +128,10 @@ def box() -> SecretBox:
 @pytest.fixture
 async def world(session_factory: async_sessionmaker[AsyncSession], box: SecretBox) -> World:
     """A committed tenant on a $29 plan with a chatbot and a WhatsApp Cloud channel."""
+    return await make_world(session_factory, box)
+
+
+@pytest.fixture
+async def other_world(session_factory: async_sessionmaker[AsyncSession], box: SecretBox) -> World:
+    """A second, unrelated tenant."""
     return await make_world(session_factory, box)
