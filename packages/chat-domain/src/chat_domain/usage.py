@@ -59,50 +59,57 @@ def month_bounds(year: int, month: int) -> tuple[datetime, datetime]:
 async def write_usage(session: AsyncSession, records: Sequence[UsageRecord]) -> int:
     """Insert ``records`` (multi-row INSERTs, duplicates by ``dedupe_key`` skipped) and add the
     inserted ones to the monthly totals. Returns how many rows were inserted. Does not commit."""
+    for record in records:
+        if record.kind not in USAGE_KINDS or record.quantity < 0:
+            raise ValueError(f"invalid usage record: {record.kind} x {record.quantity}")
     inserted = 0
     totals: dict[tuple[uuid.UUID, int, UsageKind], int] = defaultdict(int)
+    table = UsageEvent.__table__
+    # One compiled statement, executed with many parameter sets: SQLAlchemy sends it as
+    # multi-row INSERT ... VALUES (...), (...) pages ("insertmanyvalues") on both databases.
+    stmt = (
+        dialect_insert(session, table)
+        .on_conflict_do_nothing(
+            index_elements=["dedupe_key"], index_where=UsageEvent.dedupe_key.is_not(None)
+        )
+        .returning(table.c.tenant_id, table.c.kind, table.c.quantity, table.c.occurred_at)
+    )
+    connection = await session.connection()
     for start in range(0, len(records), MAX_ROWS_PER_STATEMENT):
         chunk = records[start : start + MAX_ROWS_PER_STATEMENT]
-        for record in chunk:
-            if record.kind not in USAGE_KINDS or record.quantity < 0:
-                raise ValueError(f"invalid usage record: {record.kind} x {record.quantity}")
-        stmt = (
-            dialect_insert(session, UsageEvent)
-            .values(
-                [
-                    {
-                        "tenant_id": r.tenant_id,
-                        "kind": r.kind,
-                        "quantity": r.quantity,
-                        "model": r.model,
-                        "occurred_at": r.occurred_at,
-                        "dedupe_key": r.dedupe_key,
-                    }
-                    for r in chunk
-                ]
-            )
-            .on_conflict_do_nothing(
-                index_elements=["dedupe_key"], index_where=UsageEvent.dedupe_key.is_not(None)
-            )
-            .returning(
-                UsageEvent.tenant_id, UsageEvent.kind, UsageEvent.quantity, UsageEvent.occurred_at
-            )
+        result = await connection.execute(
+            stmt,
+            [
+                {
+                    "tenant_id": r.tenant_id,
+                    "kind": r.kind,
+                    "quantity": r.quantity,
+                    "model": r.model,
+                    "occurred_at": r.occurred_at,
+                    "dedupe_key": r.dedupe_key,
+                }
+                for r in chunk
+            ],
         )
-        for tenant_id, kind, quantity, occurred_at in await session.execute(stmt):
+        for tenant_id, kind, quantity, occurred_at in result:
             inserted += 1
             totals[(tenant_id, period_of(occurred_at), kind)] += quantity
     if totals:
         # Sorted: concurrent writers lock the total rows in the same order (no deadlocks).
         ordered = sorted(totals.items(), key=lambda item: (str(item[0][0]), item[0][1], item[0][2]))
-        upsert = dialect_insert(session, UsageMonthly).values(
-            [{"tenant_id": t, "period": p, "kind": k, "quantity": q} for (t, p, k), q in ordered]
-        )
-        await session.execute(
-            upsert.on_conflict_do_update(
-                index_elements=["tenant_id", "period", "kind"],
-                set_={"quantity": UsageMonthly.quantity + upsert.excluded.quantity},
+        for start in range(0, len(ordered), MAX_ROWS_PER_STATEMENT):
+            upsert = dialect_insert(session, UsageMonthly).values(
+                [
+                    {"tenant_id": t, "period": p, "kind": k, "quantity": q}
+                    for (t, p, k), q in ordered[start : start + MAX_ROWS_PER_STATEMENT]
+                ]
             )
-        )
+            await session.execute(
+                upsert.on_conflict_do_update(
+                    index_elements=["tenant_id", "period", "kind"],
+                    set_={"quantity": UsageMonthly.quantity + upsert.excluded.quantity},
+                )
+            )
     return inserted
 
 
