@@ -30,6 +30,8 @@ import asyncpg
 from alembic import command
 from alembic.config import Config
 from sqlalchemy import bindparam, text
+from sqlalchemy.dialects.postgresql.base import PGDialect
+from sqlalchemy.dialects.sqlite.base import SQLiteDialect
 from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -83,11 +85,9 @@ def generate(rows: int, tenants: list[uuid.UUID], big_share: float, seed: int) -
         kind = rng.choice(USAGE_KINDS)
         quantity = rng.randint(50, 2000) if kind.startswith("ai_") else 1
         occurred = start + timedelta(seconds=rng.random() * span)
-        out.append(
-            UsageRecord(
-                tenant, kind, quantity, occurred, model="m" if kind.startswith("ai_") else None
-            )
-        )
+        model = "m" if kind.startswith("ai_") else None
+        out.append(UsageRecord(tenant, kind, quantity, occurred, model=model))
+    out.sort(key=lambda r: r.occurred_at)  # events arrive in time order, as in production
     return out
 
 
@@ -114,7 +114,12 @@ async def analyze(engine: AsyncEngine) -> None:
 async def explain(engine: AsyncEngine, tenant: uuid.UUID, month: int) -> list[str]:
     start, end = month_bounds(YEAR, month)
     stmt = monthly_usage_query(tenant, start, end)
-    named = type(engine.dialect)(paramstyle="named")
+    # Render with ":name" parameters (the async drivers use "$1"/"?") for a typed text() clause.
+    named = (
+        PGDialect(paramstyle="named")
+        if engine.dialect.name == "postgresql"
+        else SQLiteDialect(paramstyle="named")
+    )
     compiled = stmt.compile(dialect=named)
     binds = [bindparam(name, b.value, type_=b.type) for b, name in compiled.bind_names.items()]
     prefix = (
@@ -123,7 +128,8 @@ async def explain(engine: AsyncEngine, tenant: uuid.UUID, month: int) -> list[st
         else "EXPLAIN QUERY PLAN "
     )
     async with engine.connect() as conn:
-        result = await conn.execute(text(prefix + str(compiled)).bindparams(*binds))
+        sql = str(compiled).replace("::UUID", "")  # text() cannot parse ":name::TYPE"
+        result = await conn.execute(text(prefix + sql).bindparams(*binds))
         rows = result.all()
     if engine.dialect.name == "postgresql":
         return [row[0] for row in rows]
