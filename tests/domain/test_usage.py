@@ -228,3 +228,17 @@ async def test_invalid_usage_kind(
             recorder.record(world.tenant.id, "message_in", -1)
     finally:
         await recorder.close()
+
+
+async def test_an_event_the_database_refuses_does_not_block_the_rest(
+    session_factory: async_sessionmaker[AsyncSession], world: World
+) -> None:
+    recorder = UsageRecorder(session_factory, batch_size=100, flush_interval=3600)
+    recorder.record(world.tenant.id, "message_in")
+    recorder.record(uuid.uuid4(), "message_in")  # no such tenant: the foreign key refuses it
+    recorder.record(world.tenant.id, "message_out")
+    assert await recorder.flush() == 2
+    assert recorder.stats.dropped == 1
+    assert recorder.pending == 0
+    await recorder.close()
+    assert await _stored(session_factory, world.tenant.id) == (2, 2)

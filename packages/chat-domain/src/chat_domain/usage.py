@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from sqlalchemy import Select, func, select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from chat_domain._sql import dialect_insert
@@ -168,7 +169,8 @@ class UsageRecorder:
     ``await close()`` on shutdown (or use ``async with``): it flushes everything buffered.
     When the database is unavailable, events stay buffered and the write is retried every
     ``flush_interval`` seconds; beyond ``max_buffered`` events the oldest are dropped and
-    logged (memory is bounded; nothing is dropped silently).
+    logged (memory is bounded; nothing is dropped silently). An event the database refuses
+    on its own (integrity error, e.g. its tenant was deleted) is dropped and logged.
     """
 
     def __init__(
@@ -261,16 +263,39 @@ class UsageRecorder:
             total = 0
             while self._buffer:
                 batch = self._buffer[: self.batch_size]
-                async with self._session_factory() as session, session.begin():
-                    written = await write_usage(session, batch)
                 # Only this method removes events, under the lock: the first len(batch) are ours.
-                del self._buffer[: len(batch)]
+                try:
+                    async with self._session_factory() as session, session.begin():
+                        written = await write_usage(session, batch)
+                except IntegrityError:
+                    written = await self._write_individually(batch)
+                else:
+                    del self._buffer[: len(batch)]
                 total += written
                 self.stats.flushes += 1
                 self.stats.written += written
                 if self._buffer:
                     self._first_at = asyncio.get_running_loop().time()
             return total
+
+    async def _write_individually(self, batch: list[UsageRecord]) -> int:
+        """A batch the database refused (e.g. a tenant deleted meanwhile): write its events one
+        by one and drop, with an error log, only those refused on their own, so one bad event
+        cannot block the recorder."""
+        written = 0
+        for record in batch:
+            try:
+                async with self._session_factory() as session, session.begin():
+                    written += await write_usage(session, [record])
+            except IntegrityError:
+                self.stats.dropped += 1
+                log.error(
+                    "usage recorder: dropped an event the database refuses (tenant %s, kind %s)",
+                    record.tenant_id,
+                    record.kind,
+                )
+            del self._buffer[0]
+        return written
 
     async def close(self) -> None:
         """Stop the flusher and write everything still buffered. Idempotent."""
