@@ -1,0 +1,56 @@
+"""Engine and session factory. Services create these at startup and pass them in."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import event
+from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+from sqlalchemy.ext.asyncio import create_async_engine as _create_async_engine
+
+from chat_domain.settings import Settings, normalise_database_url, sqlite_path
+
+
+def create_engine(settings: Settings | str, **engine_kwargs: Any) -> AsyncEngine:
+    """An async engine for ``settings.database_url`` (or a URL string).
+
+    SQLite gets WAL journaling, ``foreign_keys=ON`` and a busy timeout on every new connection,
+    and the folder of its database file is created. Call ``await engine.dispose()`` on shutdown.
+    """
+    if isinstance(settings, str):
+        settings = Settings(database_url=normalise_database_url(settings))
+    url = normalise_database_url(settings.database_url)
+    if make_url(url).get_backend_name() == "sqlite":
+        db_file = sqlite_path(url)
+        if db_file is not None:
+            db_file.parent.mkdir(parents=True, exist_ok=True)
+        engine = _create_async_engine(url, echo=settings.echo_sql, **engine_kwargs)
+        _install_sqlite_pragmas(engine, settings.sqlite_busy_timeout_ms, wal=db_file is not None)
+        return engine
+    engine_kwargs.setdefault("pool_pre_ping", True)
+    return _create_async_engine(url, echo=settings.echo_sql, **engine_kwargs)
+
+
+def _install_sqlite_pragmas(engine: AsyncEngine, busy_timeout_ms: int, *, wal: bool) -> None:
+    @event.listens_for(engine.sync_engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        cursor = dbapi_connection.cursor()
+        try:
+            if wal:
+                cursor.execute("PRAGMA journal_mode=WAL")
+                cursor.execute("PRAGMA synchronous=NORMAL")
+            cursor.execute("PRAGMA foreign_keys=ON")
+            cursor.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
+        finally:
+            cursor.close()
+
+
+def create_session_factory(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
+    """Sessions that keep loaded values after commit (``expire_on_commit=False``)."""
+    return async_sessionmaker(engine, expire_on_commit=False)
+
+
+def dialect_name(session: AsyncSession) -> str:
+    """``"sqlite"`` or ``"postgresql"`` for the session's bind."""
+    return session.get_bind().dialect.name
