@@ -451,7 +451,12 @@ finalize = function(B, M, id, f, failed, now, trims, rv)
     delete_job_keys(B, id)
     rcall('DEL', B .. ':deps:' .. id, B .. ':cres:' .. id, B .. ':cfail:' .. id)
   else
-    rcall('ZADD', B .. ':' .. set, now, id)
+    -- Jobs finished in the same ms keep their finishing order (ties would sort by id text,
+    -- "10" before "9"): a sub-ms offset per finish in this call (ms * 4096 stays below 2^53).
+    local k = (M.fin or 0) + 1
+    if k > 4095 then k = 4095 end
+    M.fin = k
+    rcall('ZADD', B .. ':' .. set, now + k / 4096, id)
     local key = B .. '|' .. set .. '|' .. count .. '|' .. age
     if not trims[key] then trims[key] = { B = B, set = set, count = count, age = age } end
   end
