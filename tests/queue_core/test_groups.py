@@ -34,8 +34,11 @@ async def test_groups_keep_order_under_random_failures_and_retries(
     groups, per_group = 200, 50
     rng = random.Random(7)
     items = [
-        BulkJob("m", {"g": g, "i": i}, overrides={"group": f"g{g}", "attempts": 20,
-                                                   "backoff": Backoff.fixed(5)})
+        BulkJob(
+            "m",
+            {"g": g, "i": i},
+            overrides={"group": f"g{g}", "attempts": 20, "backoff": Backoff.fixed(5)},
+        )
         for i in range(per_group)
         for g in range(groups)
     ]
@@ -61,23 +64,35 @@ async def test_groups_keep_order_under_random_failures_and_retries(
     workers = [Worker(q, proc, concurrency=50) for _ in range(4)]
     for w in workers:
         w.start()
-    await wait_for(lambda: sum(len(v) for v in completed.values()) == groups * per_group, timeout=60)
+    await wait_for(
+        lambda: sum(len(v) for v in completed.values()) == groups * per_group, timeout=60
+    )
     await asyncio.gather(*(w.close(5) for w in workers))
     assert overlap == 0, "group concurrency 1 means one job of a group at a time, across workers"
     for g in range(groups):
-        assert completed[g] == list(range(per_group)), f"group {g} out of order: {completed[g][:10]}"
+        assert completed[g] == list(range(per_group)), (
+            f"group {g} out of order: {completed[g][:10]}"
+        )
     assert sum(w.stats["retried"] for w in workers) > 500
     await check_consistency(q)
 
 
-async def test_a_big_backlog_does_not_starve_small_groups(redis: RedisClient, queue_name: str) -> None:
+async def test_a_big_backlog_does_not_starve_small_groups(
+    redis: RedisClient, queue_name: str
+) -> None:
     """One group with 20,000 jobs added first, then 100 groups with 5 each: the small groups all
     finish long before the big one (the big group may run 10 at a time)."""
     q = Queue(queue_name, redis)
     await q.configure(QueueSettings(group_concurrency=10))
-    await q.add_bulk([BulkJob("m", {"g": "big"}, overrides={"group": "big"}) for _ in range(20_000)])
     await q.add_bulk(
-        [BulkJob("m", {"g": f"s{g}"}, overrides={"group": f"s{g}"}) for g in range(100) for _ in range(5)]
+        [BulkJob("m", {"g": "big"}, overrides={"group": "big"}) for _ in range(20_000)]
+    )
+    await q.add_bulk(
+        [
+            BulkJob("m", {"g": f"s{g}"}, overrides={"group": f"s{g}"})
+            for g in range(100)
+            for _ in range(5)
+        ]
     )
     done: dict[str, int] = defaultdict(int)
     big_done_when_small_finished: list[int] = []
@@ -100,8 +115,9 @@ async def test_a_big_backlog_does_not_starve_small_groups(redis: RedisClient, qu
 async def test_weights_give_proportional_turns(redis: RedisClient, queue_name: str) -> None:
     q = Queue(queue_name, redis)
     await q.configure(QueueSettings(group_concurrency=50))
-    await q.add_bulk([BulkJob("m", "heavy", overrides={"group": "heavy", "group_weight": 3})
-                      for _ in range(400)])
+    await q.add_bulk(
+        [BulkJob("m", "heavy", overrides={"group": "heavy", "group_weight": 3}) for _ in range(400)]
+    )
     await q.add_bulk([BulkJob("m", "light", overrides={"group": "light"}) for _ in range(400)])
     order: list[str] = []
 
@@ -117,7 +133,9 @@ async def test_weights_give_proportional_turns(redis: RedisClient, queue_name: s
     assert 2.5 <= ratio <= 3.5, ratio
 
 
-async def test_priority_orders_groups_and_ungrouped_jobs_win_ties(redis: RedisClient, queue_name: str) -> None:
+async def test_priority_orders_groups_and_ungrouped_jobs_win_ties(
+    redis: RedisClient, queue_name: str
+) -> None:
     q = Queue(queue_name, redis)
     await q.add("m", "g-p5", group="a", priority=5)
     await q.add("m", "u-p5", priority=5)
@@ -135,7 +153,9 @@ async def test_priority_orders_groups_and_ungrouped_jobs_win_ties(redis: RedisCl
     assert order == ["g-p1", "u-p3", "u-p5", "g-p5"]
 
 
-async def test_group_concurrency_is_global_and_overridable(redis: RedisClient, queue_name: str) -> None:
+async def test_group_concurrency_is_global_and_overridable(
+    redis: RedisClient, queue_name: str
+) -> None:
     q = Queue(queue_name, redis)
     await q.configure(QueueSettings(group_concurrency=2))
     await q.set_group_concurrency("wide", 5)
@@ -166,7 +186,9 @@ async def test_group_concurrency_is_global_and_overridable(redis: RedisClient, q
     assert (await q.get_group_info("wide"))["concurrency"] == 2
 
 
-async def test_strict_order_survives_a_retry_with_backoff(redis: RedisClient, queue_name: str) -> None:
+async def test_strict_order_survives_a_retry_with_backoff(
+    redis: RedisClient, queue_name: str
+) -> None:
     q = Queue(queue_name, redis)
     for i in range(3):
         await q.add("m", i, group="conv", attempts=3, backoff=Backoff.fixed(150))
@@ -185,7 +207,9 @@ async def test_strict_order_survives_a_retry_with_backoff(redis: RedisClient, qu
     assert runs[1][1] - runs[0][1] >= 0.14, "the group waited out the backoff"
 
 
-async def test_non_strict_queue_lets_later_jobs_pass_a_retrying_one(redis: RedisClient, queue_name: str) -> None:
+async def test_non_strict_queue_lets_later_jobs_pass_a_retrying_one(
+    redis: RedisClient, queue_name: str
+) -> None:
     q = Queue(queue_name, redis)
     await q.configure(QueueSettings(strict_group_order=False))
     for i in range(3):
@@ -204,7 +228,9 @@ async def test_non_strict_queue_lets_later_jobs_pass_a_retrying_one(redis: Redis
     assert order == [0, 1, 2, 0]
 
 
-async def test_group_rate_limit_error_holds_only_that_group(redis: RedisClient, queue_name: str) -> None:
+async def test_group_rate_limit_error_holds_only_that_group(
+    redis: RedisClient, queue_name: str
+) -> None:
     q = Queue(queue_name, redis)
     await q.add("m", "a1", group="a", attempts=1)
     await q.add("m", "a2", group="a")
@@ -229,7 +255,7 @@ async def test_group_rate_limit_error_holds_only_that_group(redis: RedisClient, 
     a1_runs = [t for d, t in seen if d == "a1"]
     assert len(a1_runs) == 2 and a1_runs[1] - t0 >= 0.29, "a1 ran again after the hold"
     assert order.index("a2") > len(order) - 2 - 1, "a2 stayed behind a1"
-    stored = [j for j in await q.list_jobs("completed", 0, 100) if j.data == "a1"][0]
+    stored = next(j for j in await q.list_jobs("completed", 0, 100) if j.data == "a1")
     assert stored.attempts_made == 1, "a rate-limited run used no attempt"
 
 

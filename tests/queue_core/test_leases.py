@@ -39,13 +39,14 @@ async def test_lease_is_renewed_for_long_jobs(redis: RedisClient, queue_name: st
         return "ok"
 
     job = await q.add("x", None)
-    worker = Worker(q, proc, lock_duration=300, stalled_interval=100)
-    sweeper = Worker(q, proc, lock_duration=300, stalled_interval=100)
+    # renewal every 200 ms keeps a 600 ms lease alive with 400 ms of slack for a busy loop
+    worker = Worker(q, proc, lock_duration=600, stalled_interval=100)
+    sweeper = Worker(q, proc, lock_duration=600, stalled_interval=100)
     worker.start()
     await wait_for(lambda: worker.active_count == 1)
     sweeper.start()
     # three lease lengths pass; renewal keeps the job active and never stalled
-    await asyncio.sleep(1.0)
+    await asyncio.sleep(1.8)
     assert await q.get_state(job.id) is JobState.ACTIVE
     release.set()
     assert await q.wait_until_finished(job.id, 5) == "ok"

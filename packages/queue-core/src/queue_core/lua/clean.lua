@@ -57,7 +57,7 @@ elseif state == 'waiting' or state == 'prioritized' then
           drop(id)
         end
       end
-      group_sync(B, M, gid, nil)
+      group_sync(B, M, gid)
     end
   end
 else

@@ -41,7 +41,7 @@ if removed < limit then
       rcall('DECRBY', B .. ':gw', #gids)
       drop(gids)
     end
-    group_sync(B, M, gid, nil)
+    group_sync(B, M, gid)
   end
 end
 local remaining = rcall('ZCARD', wk) + (tonumber(rcall('GET', B .. ':gw')) or 0)

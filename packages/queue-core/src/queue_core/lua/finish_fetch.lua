@@ -94,7 +94,7 @@ for e = 1, #entries do
       local scope = A[a + 1]
       rcall('HSET', jk, 'tok', 'r' .. tok)
       if scope == 'q' and delay > 0 then
-        rcall('SET', B .. ':limiter', 1000000000, 'PX', delay)
+        rcall('SET', B .. ':qhold', '1', 'PX', delay)
       end
       if scope == 'd' and delay > 0 then
         if gid then group_release(B, M, gid, 0) end

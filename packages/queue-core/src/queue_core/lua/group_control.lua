@@ -40,6 +40,6 @@ elseif op == 'info' then
 else
   return redis.error_reply('ERR group_control: unknown op ' .. op)
 end
-if group_sync(B, M, gid, nil) then wake(B, M) end
+if group_sync(B, M, gid) then wake(B, M) end
 flush_wakes(now_ms())
 return result

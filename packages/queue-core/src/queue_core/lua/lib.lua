@@ -41,6 +41,31 @@ local function now_ms()
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
 
+-- Rate limits are GCRA (a token bucket kept as one "theoretical arrival time" per key): `max`
+-- starts per `dur` ms in steady state, bursts of up to `max`. Unlike a fixed window, capacity
+-- accrues while workers sleep, so their wake-up lag does not lower the achieved rate.
+-- How many of `want` starts are allowed now, and if none, ms until the next one is.
+local function gcra_allowed(key, max, dur, now, want)
+  local t = dur / max
+  local tat = tonumber(rcall('GET', key)) or now
+  if tat < now then tat = now end
+  local allowed = math.floor((now + dur - t - tat) / t) + 1
+  if allowed <= 0 then return 0, math.ceil(tat - (dur - t) - now) end
+  if allowed > want then allowed = want end
+  return allowed, 0
+end
+
+-- Record `n` starts; returns the time from which the next start is allowed (ms), or false.
+local function gcra_take(key, max, dur, now, n)
+  local t = dur / max
+  local tat = tonumber(rcall('GET', key)) or now
+  if tat < now then tat = now end
+  tat = tat + n * t
+  rcall('SET', key, tat, 'PX', math.ceil(tat - now + dur))
+  if tat - now > dur - t then return tat - (dur - t) end
+  return false
+end
+
 local function meta_of(B)
   local m = rcall('HMGET', B .. ':meta', 'paused', 'conc', 'rlm', 'rld', 'gc', 'grlm', 'grld',
     'strict', 'dlq', 'maxev', 'dlqname')
@@ -104,70 +129,106 @@ end
 -- Groups
 ------------------------------------------------------------------------------------------------
 
--- Make the group's presence in the ready sets match its state. `f` is the HMGET of
--- a, c, p, h, r, vt, lm (pass nil to read it). Returns true when the group became ready.
-local function group_sync(B, M, gid, f)
+-- A group's state hash gm:<gid>, read with one HMGET of GM (positions G_*):
+--   a active jobs, c concurrency override, p paused ('1'), h held until (ms, '' = not held),
+--   r ready level ('' = not in a ready set), vt virtual time, lm/ld rate-limit override,
+--   pr priority of the group's jobs (the latest added job's), w weight.
+local GM = { 'a', 'c', 'p', 'h', 'r', 'vt', 'lm', 'ld', 'pr', 'w' }
+local G_A, G_C, G_P, G_H, G_R, G_VT, G_LM, G_LD, G_PR, G_W = 1, 2, 3, 4, 5, 6, 7, 8, 9, 10
+
+local function gm_read(B, gid)
+  return rcall('HMGET', B .. ':gm:' .. gid, unpack(GM))
+end
+
+-- The virtual clock, read once per script (M caches it; fetch advances it).
+local function gclock(B, M)
+  if M.clock == nil then M.clock = tonumber(rcall('GET', B .. ':gclock')) or 0 end
+  return M.clock
+end
+
+-- Bring the group's ready-set membership in line with its state `f` (with `active` jobs) and
+-- write `extra` (field/value list) plus the new ready level in one HSET. A group is ready when
+-- it has waiting jobs, is not paused or held, and runs fewer jobs than its concurrency.
+-- Returns true when the group became ready.
+local function group_apply(B, M, gid, f, active, extra)
   local gm = B .. ':gm:' .. gid
-  if not f then f = rcall('HMGET', gm, 'a', 'c', 'p', 'h', 'r', 'vt', 'lm') end
-  local active = tonumber(f[1]) or 0
-  local cap = tonumber(f[2]) or M.gc
-  local level = f[5]
-  if level == '' then level = false end
   local glist = B .. ':g:' .. gid
-  local head = false
-  if (f[3] ~= '1') and (not f[4] or f[4] == '') and active < cap then
-    head = rcall('LINDEX', glist, 0)
+  local level = f[G_R]
+  if level == '' then level = false end
+  local held = f[G_H] and f[G_H] ~= ''
+  local cap = tonumber(f[G_C]) or M.gc
+  local size = nil
+  local eligible = f[G_P] ~= '1' and not held and active < cap
+  if eligible then
+    size = rcall('LLEN', glist)
+    eligible = size > 0
   end
-  if head then
-    if not level then
-      local prio = tonumber(rcall('HGET', B .. ':j:' .. head, 'prio')) or 0
-      local vt = tonumber(f[6]) or 0
-      local clock = tonumber(rcall('GET', B .. ':gclock')) or 0
-      if vt < clock then vt = clock end
-      rcall('ZADD', B .. ':gready:' .. prio, vt, gid)
+  local became = false
+  if eligible and not level then
+    local prio = tonumber(f[G_PR])
+    if not prio then
+      prio = tonumber(rcall('HGET', B .. ':j:' .. rcall('LINDEX', glist, 0), 'prio')) or 0
+    end
+    local vt = tonumber(f[G_VT]) or 0
+    local clock = gclock(B, M)
+    if vt < clock then vt = clock end
+    rcall('ZADD', B .. ':gready:' .. prio, vt, gid)
+    M.levels = M.levels or {}
+    if not M.levels[prio] then
       rcall('ZADD', B .. ':gprios', prio, prio)
-      rcall('HSET', gm, 'r', prio)
-      return true
+      M.levels[prio] = true
     end
-    return false
-  end
-  if level then
+    extra[#extra + 1] = 'r'
+    extra[#extra + 1] = prio
+    became = true
+    wake(B, M)
+  elseif level and not eligible then
     rcall('ZREM', B .. ':gready:' .. level, gid)
-    rcall('HSET', gm, 'r', '')
+    extra[#extra + 1] = 'r'
+    extra[#extra + 1] = ''
   end
-  -- An idle, empty group with no persistent setting leaves no trace.
-  if active <= 0 and f[3] ~= '1' and not f[2] and not f[7] and rcall('LLEN', glist) == 0 then
-    rcall('DEL', gm)
-    rcall('ZREM', B .. ':groups', gid)
-  end
-  return false
-end
-
--- Change a group's active count (a job of it finished or was returned) and resync.
-local function group_release(B, M, gid, hold_until)
-  local gm = B .. ':gm:' .. gid
-  local a = rcall('HINCRBY', gm, 'a', -1)
-  if a < 0 then rcall('HSET', gm, 'a', 0) end
-  if hold_until and hold_until > 0 then
-    local f = rcall('HGET', gm, 'h')
-    if not f or f == '' or tonumber(f) < hold_until then
-      rcall('HSET', gm, 'h', hold_until)
-      rcall('ZADD', B .. ':gheld', hold_until, gid)
+  if not eligible and active <= 0 and f[G_P] ~= '1' and not f[G_C] and not f[G_LM] and not held then
+    if size == nil then size = rcall('LLEN', glist) end
+    if size == 0 then
+      -- An idle, empty group with no setting of its own leaves no trace.
+      rcall('DEL', gm)
+      rcall('ZREM', B .. ':groups', gid)
+      return false
     end
   end
-  if group_sync(B, M, gid, nil) then wake(B, M) end
+  if #extra > 0 then rcall('HSET', gm, unpack(extra)) end
+  return became
 end
 
--- Put a group on hold until `until_ms` (it is taken out of the ready sets).
+local function group_sync(B, M, gid)
+  local f = gm_read(B, gid)
+  return group_apply(B, M, gid, f, tonumber(f[G_A]) or 0, {})
+end
+
+-- One of the group's jobs left `active` (finished, retried, returned); optionally hold the group.
+local function group_release(B, M, gid, hold_until)
+  local f = gm_read(B, gid)
+  local active = (tonumber(f[G_A]) or 1) - 1
+  if active < 0 then active = 0 end
+  local extra = { 'a', active }
+  if hold_until and hold_until > 0 and (not f[G_H] or f[G_H] == '' or tonumber(f[G_H]) < hold_until) then
+    f[G_H] = tostring(hold_until)
+    extra[#extra + 1] = 'h'
+    extra[#extra + 1] = hold_until
+    rcall('ZADD', B .. ':gheld', hold_until, gid)
+  end
+  group_apply(B, M, gid, f, active, extra)
+end
+
+-- Put a group on hold until `until_ms` (it leaves the ready sets until then).
 local function group_hold(B, M, gid, until_ms)
-  local gm = B .. ':gm:' .. gid
-  local f = rcall('HGET', gm, 'h')
-  if not f or f == '' or tonumber(f) < until_ms then
-    rcall('HSET', gm, 'h', until_ms)
+  local f = gm_read(B, gid)
+  if not f[G_H] or f[G_H] == '' or tonumber(f[G_H]) < until_ms then
+    f[G_H] = tostring(until_ms)
     rcall('ZADD', B .. ':gheld', until_ms, gid)
     rcall('ZADD', B .. ':groups', 0, gid)
+    group_apply(B, M, gid, f, tonumber(f[G_A]) or 0, { 'h', until_ms })
   end
-  group_sync(B, M, gid, nil)
 end
 
 -- Release holds that have expired; returns the earliest remaining hold (or false).
@@ -175,8 +236,9 @@ local function promote_held_groups(B, M, now)
   local hk = B .. ':gheld'
   local due = rcall('ZRANGEBYSCORE', hk, '-inf', now, 'LIMIT', 0, 1000)
   for i = 1, #due do
-    rcall('HSET', B .. ':gm:' .. due[i], 'h', '')
-    group_sync(B, M, due[i], nil)
+    local f = gm_read(B, due[i])
+    f[G_H] = ''
+    group_apply(B, M, due[i], f, tonumber(f[G_A]) or 0, { 'h', '' })
   end
   if #due > 0 then rcall('ZREM', hk, unpack(due)) end
   local nxt = rcall('ZRANGE', hk, 0, 0, 'WITHSCORES')
@@ -194,8 +256,10 @@ local function place_waiting(B, M, id, prio, gid, seq, lifo, where)
     local glist = B .. ':g:' .. gid
     if where == 'front' then rcall('LPUSH', glist, id) else rcall('RPUSH', glist, id) end
     rcall('INCR', B .. ':gw')
-    rcall('ZADD', B .. ':groups', 0, gid)
-    if group_sync(B, M, gid, nil) then wake(B, M) end
+    local f = gm_read(B, gid)
+    if not f[G_A] and not f[G_R] and not f[G_PR] then rcall('ZADD', B .. ':groups', 0, gid) end
+    f[G_PR] = prio
+    group_apply(B, M, gid, f, tonumber(f[G_A]) or 0, { 'pr', prio })
     return
   end
   local score
@@ -452,10 +516,15 @@ finalize = function(B, M, id, f, failed, now, trims, rv)
     rcall('DEL', B .. ':deps:' .. id, B .. ':cres:' .. id, B .. ':cfail:' .. id)
   else
     -- Jobs finished in the same ms keep their finishing order (ties would sort by id text,
-    -- "10" before "9"): a sub-ms offset per finish in this call (ms * 4096 stays below 2^53).
-    local k = (M.fin or 0) + 1
-    if k > 4095 then k = 4095 end
-    M.fin = k
+    -- "10" before "9"): a sub-ms offset from a counter that increases across calls, reserved
+    -- in blocks (ms * 4096 stays below 2^53; the order can invert once per 4096 finishes).
+    if not M.fleft or M.fleft == 0 then
+      M.fnext = rcall('INCRBY', B .. ':fseq', 256) - 256
+      M.fleft = 256
+    end
+    local k = M.fnext % 4096
+    M.fnext = M.fnext + 1
+    M.fleft = M.fleft - 1
     rcall('ZADD', B .. ':' .. set, now + k / 4096, id)
     local key = B .. '|' .. set .. '|' .. count .. '|' .. age
     if not trims[key] then trims[key] = { B = B, set = set, count = count, age = age } end
@@ -502,53 +571,44 @@ local function activate(B, M, id, now, tokpfx, lease_until, out)
   return true
 end
 
--- Take the next job of the ready group with the smallest virtual time at `level`.
--- Returns the job id, or false when the level turned out to be empty (stale).
-local function take_from_group(B, M, level, now)
-  local rk = B .. ':gready:' .. level
-  local p = rcall('ZPOPMIN', rk)
-  if not p[1] then
-    rcall('ZREM', B .. ':gprios', level)
-    return false, 0
-  end
-  local gid, vt = p[1], tonumber(p[2])
+-- Take the next job of group `gid`, just popped from a ready set with virtual time `vt`.
+-- Returns the job id or false (an inconsistent, empty group).
+local function take_from_group(B, M, gid, vt, now)
   local gm = B .. ':gm:' .. gid
   local id = rcall('LPOP', B .. ':g:' .. gid)
-  local f = rcall('HMGET', gm, 'a', 'c', 'p', 'h', 'r', 'vt', 'lm', 'ld', 'w')
+  local f = gm_read(B, gid)
+  f[G_R] = ''
   if not id then
     rcall('HSET', gm, 'r', '')
-    return nil, vt
+    return false
   end
-  rcall('DECR', B .. ':gw')
-  local a = (tonumber(f[1]) or 0) + 1
-  local w = tonumber(f[9]) or 1
+  M.gw_taken = (M.gw_taken or 0) + 1
+  local active = (tonumber(f[G_A]) or 0) + 1
+  local w = tonumber(f[G_W]) or 1
   if w <= 0 then w = 1 end
   local nvt = vt + 1 / w
-  rcall('HSET', gm, 'a', a, 'vt', nvt, 'r', '')
-  local held = f[4]
-  if held == '' then held = false end
-  local lm = tonumber(f[7]) or M.grlm
+  f[G_VT] = nvt
+  if vt > gclock(B, M) then
+    M.clock = vt
+    M.clock_dirty = true
+  end
+  local extra = { 'a', active, 'vt', nvt, 'r', '' }
+  local lm = tonumber(f[G_LM]) or M.grlm
   if lm then
-    local ld = tonumber(f[8]) or M.grld or 1000
-    local rl = B .. ':grl:' .. gid
-    local n = rcall('INCR', rl)
-    if n == 1 then rcall('PEXPIRE', rl, ld) end
-    if n >= lm then
-      local ttl = rcall('PTTL', rl)
-      if ttl < 0 then ttl = ld end
-      held = now + ttl
-      rcall('HSET', gm, 'h', held)
-      rcall('ZADD', B .. ':gheld', held, gid)
+    local next_at = gcra_take(B .. ':grl:' .. gid, lm, tonumber(f[G_LD]) or M.grld or 1000, now, 1)
+    if next_at then
+      -- the group used up its allowance: hold it until its next start is allowed
+      local untl = math.ceil(next_at)
+      f[G_H] = tostring(untl)
+      extra[#extra + 1] = 'h'
+      extra[#extra + 1] = untl
+      rcall('ZADD', B .. ':gheld', untl, gid)
     end
   end
-  if not held and a < (tonumber(f[2]) or M.gc) then
-    group_sync(B, M, gid, { a, f[2], f[3], false, '', nvt, f[7] })
-  end
-  return id, vt
+  group_apply(B, M, gid, f, active, extra)
+  return id
 end
 
--- Lease up to `want` jobs. Returns the number taken; appends id, token, hash triples to `out`.
--- status.next_at = earliest delayed job or group hold (ms) when idle; status.rl_ttl when limited.
 -- When the next delayed job or group hold is due (ms), for an idle worker's timeout.
 local function next_due(B, next_hold)
   local d = rcall('ZRANGE', B .. ':delayed', 0, 0, 'WITHSCORES')
@@ -575,25 +635,25 @@ local function fetch(B, M, now, want, tokpfx, lease_until, out, status, skip_pro
     if room < want then want = room end
     if want <= 0 then status.maxed = true; return 0 end
   end
+  -- A manual rate limit (a processor raised RateLimitError) holds the whole queue.
+  local hold = rcall('PTTL', B .. ':qhold')
+  if hold > 0 then
+    status.rl_ttl = hold
+    return 0
+  end
   local lk = B .. ':limiter'
   if M.rlm then
-    local used = tonumber(rcall('GET', lk)) or 0
-    if used >= M.rlm then
-      local ttl = rcall('PTTL', lk)
-      if ttl < 0 then ttl = M.rld or 1000 end
-      status.rl_ttl = ttl
+    local allowed, wait = gcra_allowed(lk, M.rlm, M.rld or 1000, now, want)
+    if allowed == 0 then
+      status.rl_ttl = math.max(1, wait)
       return 0
     end
-    if M.rlm - used < want then want = M.rlm - used end
-  elseif rcall('EXISTS', lk) == 1 then
-    -- A manual rate limit (a processor said "limited for N ms") holds the whole queue.
-    local ttl = rcall('PTTL', lk)
-    if ttl > 0 then status.rl_ttl = ttl; return 0 end
+    want = allowed
   end
   local wk = B .. ':wait'
   local got = 0
   local took_ungrouped = false
-  local clock = false
+  local head_prio = nil  -- priority of the ungrouped head; false when `wait` is empty
   local guard = 0
   while got < want and guard < want * 4 + 10 do
     guard = guard + 1
@@ -607,29 +667,44 @@ local function fetch(B, M, now, want, tokpfx, lease_until, out, status, skip_pro
       break
     end
     local level = tonumber(lv[2])
-    local head = rcall('ZRANGE', wk, 0, 0, 'WITHSCORES')
-    if head[1] and math.floor(tonumber(head[2]) / PB) <= level then
+    if head_prio == nil then
+      local head = rcall('ZRANGE', wk, 0, 0, 'WITHSCORES')
+      head_prio = head[1] and math.floor(tonumber(head[2]) / PB) or false
+    end
+    if head_prio and head_prio <= level then
       -- Ungrouped jobs win ties with groups of the same priority.
       local ids = rcall('ZRANGEBYSCORE', wk, '-inf', string.format('(%.0f', (level + 1) * PB),
         'LIMIT', 0, want - got)
       if #ids > 0 then rcall('ZREM', wk, unpack(ids)) end
       took_ungrouped = true
+      head_prio = nil
       for i = 1, #ids do
         if activate(B, M, ids[i], now, tokpfx, lease_until, out) then got = got + 1 end
       end
     else
-      local id, vt = take_from_group(B, M, level, now)
-      if id then
-        if not clock or vt > clock then clock = vt end
-        if activate(B, M, id, now, tokpfx, lease_until, out) then got = got + 1 end
+      -- Serve up to the remaining slots from the groups of this level, smallest virtual time
+      -- first; a group with room left re-enters its ready set with a later virtual time.
+      local popped = rcall('ZPOPMIN', B .. ':gready:' .. level, want - got)
+      if #popped == 0 then
+        rcall('ZREM', B .. ':gprios', level)
+        if M.levels then M.levels[level] = nil end
+      end
+      for i = 1, #popped, 2 do
+        local id = take_from_group(B, M, popped[i], tonumber(popped[i + 1]), now)
+        if id and activate(B, M, id, now, tokpfx, lease_until, out) then got = got + 1 end
       end
     end
   end
-  if clock then rcall('SET', B .. ':gclock', clock) end
-  if took_ungrouped and rcall('ZCARD', wk) == 0 then rcall('DEL', B .. ':pseq') end
-  if M.rlm and got > 0 then
-    if rcall('INCRBY', lk, got) == got then rcall('PEXPIRE', lk, M.rld or 1000) end
+  if M.gw_taken then
+    rcall('DECRBY', B .. ':gw', M.gw_taken)
+    M.gw_taken = nil
   end
+  if M.clock_dirty then
+    rcall('SET', B .. ':gclock', M.clock)
+    M.clock_dirty = nil
+  end
+  if took_ungrouped and rcall('ZCARD', wk) == 0 then rcall('DEL', B .. ':pseq') end
+  if M.rlm and got > 0 then gcra_take(lk, M.rlm, M.rld or 1000, now, got) end
   if got > 0 and got == want then
     wake(B, M)  -- work may remain: offer it to idle workers at the end of the script
   end

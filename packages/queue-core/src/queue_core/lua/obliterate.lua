@@ -42,7 +42,7 @@ if rcall('ZCARD', B .. ':groups') > 0 then return 0 end
 for _, lv in ipairs(rcall('ZRANGE', B .. ':gprios', 0, -1)) do rcall('DEL', B .. ':gready:' .. lv) end
 for _, sid in ipairs(rcall('ZRANGE', B .. ':sched', 0, -1)) do rcall('DEL', B .. ':sch:' .. sid) end
 rcall('DEL', B .. ':meta', B .. ':ctr', B .. ':pseq', B .. ':idle', B .. ':events',
-  B .. ':limiter', B .. ':stall', B .. ':metrics', B .. ':groups', B .. ':gprios', B .. ':gheld',
-  B .. ':gclock', B .. ':gw', B .. ':sched', B .. ':wait', B .. ':active', B .. ':delayed',
+  B .. ':limiter', B .. ':qhold', B .. ':stall', B .. ':metrics', B .. ':groups', B .. ':gprios', B .. ':gheld',
+  B .. ':gclock', B .. ':gw', B .. ':fseq', B .. ':sched', B .. ':wait', B .. ':active', B .. ':delayed',
   B .. ':completed', B .. ':failed', B .. ':wc')
 return 1

@@ -15,7 +15,7 @@ end
 if rcall('ZREM', B .. ':wait', id) == 0 and gid then
   if rcall('LREM', B .. ':g:' .. gid, 1, id) > 0 then
     rcall('DECR', B .. ':gw')
-    group_sync(B, M, gid, nil)
+    group_sync(B, M, gid)
   end
 end
 rcall('ZREM', B .. ':delayed', id)
