@@ -202,6 +202,7 @@ class RecordedRequest:
     headers: Mapping[str, str]
     body: bytes
     json: Any
+    peer: str | None = None  # client "host:port": the same value means the same connection
     received_at: float = field(default_factory=time.monotonic)
 
     @property
@@ -216,6 +217,7 @@ class RecordedRequest:
             "headers": dict(self.headers),
             "body": self.body.decode("utf-8", "replace"),
             "json": self.json,
+            "peer": self.peer,
         }
 
 
@@ -408,7 +410,9 @@ class FakeOpenAIServer:
         for name, value in request.headers.items():
             key = name.lower()
             headers[key] = f"{headers[key]}, {value}" if key in headers else value
+        peername = request.transport.get_extra_info("peername") if request.transport else None
         recorded = RecordedRequest(
+            peer=f"{peername[0]}:{peername[1]}" if peername else None,
             method=request.method,
             path=request.path,
             query=request.query_string,

@@ -25,7 +25,7 @@ from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from types import MappingProxyType, TracebackType
 from typing import TYPE_CHECKING, Final, Literal
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 import openai
 from openai import AsyncOpenAI, Omit, omit
@@ -116,16 +116,18 @@ class ProviderConfig:
         """``base_url`` without user info, query or fragment: safe for logs and errors."""
         parts = urlsplit(self.base_url)
         netloc = parts.netloc.rpartition("@")[2]
-        return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+        return urlunsplit((parts.scheme, netloc, parts.path.rstrip("/"), "", ""))
 
     def redact(self, text: str) -> str:
         """``text`` with the API key and secret-looking header values replaced by ``***``."""
-        secrets = [self.api_key, *self.extra_headers.values()]
         parts = urlsplit(self.base_url)
-        if "@" in parts.netloc:
-            secrets.append(parts.netloc.rpartition("@")[0])
-        if parts.query:
-            secrets.append(parts.query)
+        secrets = [
+            self.api_key,
+            *self.extra_headers.values(),
+            parts.username or "",
+            parts.password or "",
+            *(value for _, value in parse_qsl(parts.query)),
+        ]
         for secret in sorted(secrets, key=len, reverse=True):
             if len(secret) >= _MIN_SECRET_LENGTH:
                 text = text.replace(secret, _REDACTED)
