@@ -233,7 +233,7 @@ def _ambient_header_names() -> list[str]:
 class _Connection:
     """One SDK client, and so one HTTP connection pool, for one (base URL, API key)."""
 
-    __slots__ = ("ambient_headers", "closed", "in_flight", "owns_http", "retired", "sdk")
+    __slots__ = ("ambient_headers", "closed", "in_flight", "owns_http", "sdk")
 
     def __init__(
         self, config: ProviderConfig, http_client: httpx2.AsyncClient | None, *, owns_http: bool
@@ -249,7 +249,6 @@ class _Connection:
         # Without an injected client the SDK built its own; a factory-made one is ours too.
         self.owns_http = owns_http
         self.in_flight = 0
-        self.retired = False
         self.closed = False
 
     async def aclose(self) -> None:
@@ -300,7 +299,6 @@ class _Pool:
             self._connections[key] = connection
             while len(self._connections) > self._max_size:
                 _, evicted = self._connections.popitem(last=False)
-                evicted.retired = True
                 self._retired.append(evicted)
         else:
             self._connections.move_to_end(key)
