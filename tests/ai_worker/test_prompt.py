@@ -118,7 +118,7 @@ def test_max_history_keeps_the_latest_turns() -> None:
 @pytest.mark.parametrize("options", [{"token_budget": 0}, {"token_budget": 10, "max_history": 0}])
 def test_rejects_bad_limits(options: dict[str, int]) -> None:
     with pytest.raises(ValueError):
-        build_messages(SYSTEM, [], [], **options)  # type: ignore[arg-type]
+        build_messages(SYSTEM, [], [], **options)
 
 
 # --- budget -------------------------------------------------------------------------------------

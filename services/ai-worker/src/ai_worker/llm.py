@@ -52,7 +52,9 @@ RETRYABLE_STATUSES: Final = frozenset({408, 409, 425, 429})
 PERMANENT_RATE_LIMIT_CODES: Final = frozenset({"insufficient_quota"})
 
 _REDACTED: Final = "***"
-_MIN_SECRET_LENGTH: Final = 6  # shorter header values ("1", "true") are not treated as secrets
+# Header values and URL parts shorter than this ("1", "true") are not treated as secrets; the
+# API key always is.
+_MIN_SECRET_LENGTH: Final = 6
 _MAX_DETAIL_CHARS: Final = 300
 # The SDK refuses to build a client without a key; for keyless local servers it gets this
 # placeholder, and every request removes the Authorization header again (``_request_headers``).
@@ -121,16 +123,17 @@ class ProviderConfig:
     def redact(self, text: str) -> str:
         """``text`` with the API key and secret-looking header values replaced by ``***``."""
         parts = urlsplit(self.base_url)
-        secrets = [
-            self.api_key,
+        maybe_secret = [
             *self.extra_headers.values(),
             parts.username or "",
             parts.password or "",
             *(value for _, value in parse_qsl(parts.query)),
         ]
+        secrets = [s for s in maybe_secret if len(s) >= _MIN_SECRET_LENGTH]
+        if self.api_key:
+            secrets.append(self.api_key)
         for secret in sorted(secrets, key=len, reverse=True):
-            if len(secret) >= _MIN_SECRET_LENGTH:
-                text = text.replace(secret, _REDACTED)
+            text = text.replace(secret, _REDACTED)
         return text
 
 

@@ -100,7 +100,8 @@ def truncate_to_tokens(text: str, max_tokens: int) -> str:
     mark_tokens = estimate_tokens(TRUNCATION_MARK.strip()) + 1
     if max_tokens <= mark_tokens:
         return ""
-    # Largest kept length whose estimate fits (the estimate only grows with length).
+    # Binary search for the longest kept length that fits (the estimate grows with length, near
+    # enough; whatever is returned was checked to fit).
     low, high = 0, len(text)
     while low < high:
         mid = (low + high + 1) // 2
