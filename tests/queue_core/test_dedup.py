@@ -13,7 +13,9 @@ from queue_core.types import RedisClient
 from .helpers import Collector, check_consistency, wait_for
 
 
-async def test_simple_dedup_lasts_until_the_job_finishes(redis: RedisClient, queue_name: str) -> None:
+async def test_simple_dedup_lasts_until_the_job_finishes(
+    redis: RedisClient, queue_name: str
+) -> None:
     q = Queue(queue_name, redis)
     events = QueueEvents(queue_name, redis, block_ms=100)
     await events.read()
@@ -60,7 +62,9 @@ async def _ttl_gone(redis: RedisClient, key: str) -> bool:
     return not await redis.exists(key)
 
 
-async def test_debounce_coalesces_a_burst_into_one_delayed_job(redis: RedisClient, queue_name: str) -> None:
+async def test_debounce_coalesces_a_burst_into_one_delayed_job(
+    redis: RedisClient, queue_name: str
+) -> None:
     q = Queue(queue_name, redis)
     runs: list[tuple[object, float]] = []
 
@@ -71,7 +75,9 @@ async def test_debounce_coalesces_a_burst_into_one_delayed_job(redis: RedisClien
     worker.start()
     ids = []
     for i in range(4):
-        job = await q.add("reply", i, delay=250, group="conv-1", dedup=Dedup("conv-1", mode="debounce"))
+        job = await q.add(
+            "reply", i, delay=250, group="conv-1", dedup=Dedup("conv-1", mode="debounce")
+        )
         last_add = time.monotonic()
         ids.append(job.id)
         await asyncio.sleep(0.05)
@@ -81,7 +87,9 @@ async def test_debounce_coalesces_a_burst_into_one_delayed_job(redis: RedisClien
     assert runs[0][0] == 3, "the newest payload runs"
     assert runs[0][1] - last_add >= 0.24, "the delay restarted with the last add"
     # once the job has started, a new message makes a new job (it is not swallowed)
-    again = await q.add("reply", 4, delay=10, group="conv-1", dedup=Dedup("conv-1", mode="debounce"))
+    again = await q.add(
+        "reply", 4, delay=10, group="conv-1", dedup=Dedup("conv-1", mode="debounce")
+    )
     await wait_for(lambda: len(runs) == 2, timeout=5)
     await worker.close(5)
     assert runs[1][0] == 4 and again.id not in ids

@@ -26,6 +26,7 @@ from queue_core.events import QueueEvent, QueueEvents
 from queue_core.job import PENDING_STATES, TERMINAL_STATES, Job, JobState
 from queue_core.options import MAX_PRIORITY, Backoff, Dedup, JobOptions, KeepJobs, QueueSettings
 from queue_core.queue import BulkJob, Queue
+from queue_core.schedulers import Schedule, SchedulerInfo
 from queue_core.types import GroupInfo, JobCounts
 from queue_core.worker import Worker
 
@@ -57,6 +58,8 @@ __all__ = [
     "QueueEvents",
     "QueueSettings",
     "RateLimitError",
+    "Schedule",
+    "SchedulerInfo",
     "SerializationError",
     "UnrecoverableError",
     "Worker",

@@ -76,6 +76,8 @@ class Job:
         "ready_at",
         "retry_on_timeout",
         "return_value",
+        "scheduled_at",
+        "scheduler_id",
         "stacktrace",
         "stalled_count",
         "timeout",
@@ -119,6 +121,8 @@ class Job:
         self.progress: Any = None
         self.ready_at: int | None = None
         self.parent: tuple[str, str] | None = None
+        self.scheduler_id: str | None = None
+        self.scheduled_at: int | None = None
 
     @property
     def data(self) -> Any:
@@ -161,6 +165,9 @@ class Job:
             job.error_history = orjson.loads(h["errs"])
         if "prog" in h:
             job.progress = orjson.loads(h["prog"])
+        if "sch" in h:
+            job.scheduler_id = _s(h["sch"])
+            job.scheduled_at = _int(h, "schat")
         if "pid" in h and "pb" in h:
             job.parent = (_s(h["pb"]), _s(h["pid"]))
         return job

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -25,8 +26,9 @@ from queue_core.errors import (
 )
 from queue_core.events import FinishWaiters, QueueEvents
 from queue_core.job import Job, JobState
-from queue_core.keys import QueueKeys
+from queue_core.keys import QueueKeys, validate_name
 from queue_core.options import JobOptions, QueueSettings
+from queue_core.schedulers import Schedule, SchedulerInfo
 from queue_core.scripts import scripts
 from queue_core.types import GroupInfo, JobCounts, RedisClient, as_str
 
@@ -535,6 +537,71 @@ class Queue:
     async def promote_jobs(self, count: int = 1000, job_ids: Sequence[str] = ()) -> int:
         """Make delayed jobs (all, up to `count`, or the listed ones) startable now."""
         return int(await self._call("promote_jobs", count, *job_ids))
+
+    # -- job schedulers --------------------------------------------------------------------------
+
+    async def upsert_scheduler(
+        self,
+        scheduler_id: str,
+        schedule: Schedule,
+        name: str = "scheduled",
+        data: Any = None,
+        options: JobOptions | None = None,
+        /,
+        **overrides: Any,
+    ) -> int | None:
+        """Create or replace a scheduler. Exactly one job is pending for it at any time (id
+        `sch:<scheduler_id>:<run ms>`); each run's start schedules the next. Returns the first
+        run time (epoch ms), or None when the schedule has no run left."""
+        validate_name(scheduler_id, "scheduler_id")
+        if not isinstance(schedule, Schedule):
+            raise InvalidOptionError("schedule", "must be a Schedule")
+        opts = self._options(options, overrides)
+        if opts.job_id is not None or opts.dedup is not None or opts.delay or opts.run_at:
+            raise InvalidOptionError("options", "schedulers choose job ids and times themselves")
+        template = self._encode(name, data, opts)[1:]  # without the job id
+        first = schedule.next_after(int(time.time() * 1000) - 1)
+        await self._call(
+            "upsert_scheduler", scheduler_id, schedule.to_json(), _pack(template), first or 0,
+            schedule.limit or 0,
+        )  # fmt: skip
+        return first
+
+    async def get_scheduler(self, scheduler_id: str) -> SchedulerInfo | None:
+        raw = await self._r.hgetall(self.keys.key(f"sch:{scheduler_id}"))
+        if not raw:
+            return None
+        h = {as_str(k): v for k, v in raw.items()}
+        template = msgpack.unpackb(h["tmpl"], raw=False)
+        fields = template[-1]
+        nxt = int(as_str(h.get("next", b"0")))
+        return SchedulerInfo(
+            id=scheduler_id,
+            schedule=Schedule.from_json(h["spec"]),
+            next_run_ms=nxt or None,
+            runs=int(as_str(h.get("count", b"0"))),
+            job_name=as_str(fields[fields.index("name") + 1]),
+        )
+
+    async def list_schedulers(self) -> list[SchedulerInfo]:
+        out = []
+        for sid in await self._r.zrange(self.keys.key("sched"), 0, -1):
+            info = await self.get_scheduler(as_str(sid))
+            if info is not None:
+                out.append(info)
+        return out
+
+    async def remove_scheduler(self, scheduler_id: str) -> bool:
+        """Remove a scheduler and its pending job (a running one finishes)."""
+        return bool(await self._call("remove_scheduler", scheduler_id))
+
+    async def _advance_scheduler(self, scheduler_id: str, started_at: int, now_ms: int) -> bool:
+        """Schedule the run after `started_at` (a compare-and-set: one caller per run wins)."""
+        raw = await self._r.hget(self.keys.key(f"sch:{scheduler_id}"), "spec")
+        if raw is None:
+            return False
+        nxt = Schedule.from_json(raw).next_after(max(started_at, now_ms))
+        return bool(await self._call("schedule_next", scheduler_id, started_at, nxt or 0))
 
     # -- groups --------------------------------------------------------------------------------
 

@@ -469,6 +469,8 @@ class Worker:
         started = time.monotonic()
         entry: list[Any] | None
         try:
+            if job.scheduler_id is not None:
+                await self._advance_scheduler(job)
             if job.timeout is None:
                 result = await self.processor(job)
             else:
@@ -506,6 +508,22 @@ class Worker:
         hist["hs"] = hist.get("hs", 0) + int(elapsed_ms)
         self._pending.append(entry)
         self._wake.set()
+
+    async def _advance_scheduler(self, job: Job) -> None:
+        """A scheduled run started: schedule the next one before running this one. Retried
+        briefly; if Redis stays away, the stall sweep later restores the missing run."""
+        assert job.scheduler_id is not None and job.scheduled_at is not None
+        for attempt in range(5):
+            try:
+                await self.queue._advance_scheduler(
+                    job.scheduler_id, job.scheduled_at, int(time.time() * 1000)
+                )
+                return
+            except (*RETRYABLE, RedisError) as exc:
+                _check_cancelled()
+                log.warning("worker %s: could not schedule the next run of %s (%s)",
+                            self.name, job.scheduler_id, exc)  # fmt: skip
+                await asyncio.sleep(0.2 * 2**attempt)
 
     async def _run_with_timeout(self, job: Job) -> Any:
         assert job.timeout is not None

@@ -397,6 +397,38 @@ local function add_one(B, M, now, j)
   return { id, 1, '' }
 end
 
+-- Add the pending job of scheduler `sid` for run `at` (ms) from its template, unless it
+-- exists (the id is deterministic, so this is idempotent).
+local function schedule_job(B, M, now, sid, at)
+  local tmpl = cmsgpack.unpack(rcall('HGET', B .. ':sch:' .. sid, 'tmpl'))
+  local fields = tmpl[11]
+  fields[#fields + 1] = 'sch'
+  fields[#fields + 1] = sid
+  fields[#fields + 1] = 'schat'
+  fields[#fields + 1] = at
+  fields[#fields + 1] = 'schspec'
+  fields[#fields + 1] = rcall('HGET', B .. ':sch:' .. sid, 'spec')
+  return add_one(B, M, now, {
+    id = 'sch:' .. sid .. ':' .. string.format('%d', at), prio = tmpl[1], ready_at = at,
+    lifo = false, gid = tmpl[5], weight = tmpl[6], gmax = 0, ddid = '', ddttl = 0, ddmode = '',
+    fields = fields,
+  })
+end
+
+-- Schedulers whose pending job vanished (removed by an operator, or its start could not
+-- advance the chain) get it back, so a schedule never silently stops.
+local function repair_schedulers(B, M, now)
+  local late = rcall('ZRANGEBYSCORE', B .. ':sched', '-inf', now - 5000, 'LIMIT', 0, 100)
+  for _, sid in ipairs(late) do
+    local at = tonumber(rcall('HGET', B .. ':sch:' .. sid, 'next'))
+    if at and at > 0 and rcall('EXISTS', B .. ':j:sch:' .. sid .. ':' .. string.format('%d', at)) == 0 then
+      schedule_job(B, M, now, sid, at)
+    elseif not at then
+      rcall('ZREM', B .. ':sched', sid)
+    end
+  end
+end
+
 ------------------------------------------------------------------------------------------------
 -- Finishing
 ------------------------------------------------------------------------------------------------

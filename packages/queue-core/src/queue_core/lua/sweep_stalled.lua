@@ -40,5 +40,6 @@ for _, id in ipairs(expired) do
   end
 end
 apply_trims(trims, now)
+repair_schedulers(B, M, now)
 flush_wakes(now)
 return { 1, requeued, failed }
