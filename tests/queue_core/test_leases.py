@@ -311,3 +311,20 @@ async def test_wait_until_finished_errors(redis: RedisClient, queue_name: str) -
     with pytest.raises(JobFailedError):
         await q.wait_until_finished(job.id, 1)
     await worker.close(5)
+
+
+async def test_renewal_racing_our_own_ack_is_not_a_lost_lease(
+    redis: RedisClient, queue_name: str
+) -> None:
+    """The renewal batch includes jobs whose ack is in flight; if the ack lands first, the
+    renewal must not report the lease lost (it was released by the same token)."""
+    q = Queue(queue_name, redis)
+    await q.add("x", None)
+    worker = Worker(q, Collector())
+    reply = await worker._finish_fetch([], {}, 1)
+    job_id, token = reply[1][0].decode(), reply[1][1].decode()
+    await worker._finish_fetch([[job_id, token, "c", b"null", 1]], {}, 0)
+    lost = await q._scripts["extend_locks"](redis, q._route, [q._base, 1000, job_id, token])
+    assert lost == []
+    stolen = await q._scripts["extend_locks"](redis, q._route, [q._base, 1000, job_id, "other:1"])
+    assert stolen == [job_id.encode()]

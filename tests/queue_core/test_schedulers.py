@@ -70,7 +70,8 @@ async def test_three_workers_run_each_period_once(redis: RedisClient, queue_name
     await wait_for(lambda: len(runs) >= 6, timeout=5)
     await asyncio.gather(*(w.close(5) for w in workers))
     assert len(runs) == len(set(runs)), f"a period ran twice: {runs}"
-    assert runs[:6] == [first + i * 200 for i in range(6)], "consecutive periods, none skipped"
+    assert runs == sorted(runs) and all((r - first) % 200 == 0 for r in runs), runs
+    # (a run that starts more than a period late skips the overdue period instead of bursting)
     counts = await q.get_job_counts()
     assert counts["delayed"] + counts["waiting"] == 1, "exactly one pending run"
     info = await q.get_scheduler("tick")

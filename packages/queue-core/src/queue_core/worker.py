@@ -512,7 +512,8 @@ class Worker:
     async def _advance_scheduler(self, job: Job) -> None:
         """A scheduled run started: schedule the next one before running this one. Retried
         briefly; if Redis stays away, the stall sweep later restores the missing run."""
-        assert job.scheduler_id is not None and job.scheduled_at is not None
+        assert job.scheduler_id is not None
+        assert job.scheduled_at is not None
         for attempt in range(5):
             try:
                 await self.queue._advance_scheduler(

@@ -10,9 +10,11 @@ local ak = B .. ':active'
 local lost = {}
 for i = 3, #ARGV, 2 do
   local id = ARGV[i]
-  if rcall('HGET', B .. ':j:' .. id, 'tok') == ARGV[i + 1] then
+  local tok = rcall('HGET', B .. ':j:' .. id, 'tok')
+  if tok == ARGV[i + 1] then
     rcall('ZADD', ak, 'XX', untl, id)
-  else
+  elseif tok ~= 'r' .. ARGV[i + 1] then
+    -- (released with this very token means our own finish just landed: not lost)
     lost[#lost + 1] = id
   end
 end
