@@ -173,20 +173,27 @@ async def test_reconnect_fetches_what_was_missed(
     await widget.online()
     visitor = await widget.visitor_id()
 
+    await page.evaluate("window.ChatWidget.close()")
+
     # The gateway "restarts": sockets close, and an agent answers while the widget is offline.
     assert widget_stub.drop_sockets(KEY, visitor) == 1
     widget_stub.add_message(KEY, visitor, "agent", "Hi, this is Maja from support.")
     widget_stub.add_message(KEY, visitor, "agent", "It shipped this morning.")
     gets_before = len(widget_stub.recorded("get"))
 
+    # The panel is closed: the launcher counts what arrived.
+    badge = page.locator("[data-chat-widget] .badge")
+    await expect(badge).to_have_text("2", timeout=10_000)  # reconnect backoff: 0.25-0.5 s
+    await expect(page.get_by_role("button", name="Open chat (2 unread)")).to_be_visible()
+    await widget.open()
+    await expect(badge).to_be_hidden()
     await expect(widget.all_texts).to_have_text(
         [
             "Where is my order?",
             "echo: Where is my order?",
             "Hi, this is Maja from support.",
             "It shipped this morning.",
-        ],
-        timeout=10_000,  # backoff before the reconnect is 0.25-0.5 s
+        ]
     )
     await widget.online()
     assert len(widget_stub.recorded("ws")) == 2
@@ -254,14 +261,14 @@ async def test_signed_visitor_identity_is_passed_through(
 <html><head><title>My account</title></head><body><h1>My account</h1>
 <script>const baseline = Object.getOwnPropertyNames(window);</script>
 <script src="{stub_url}/widget.js" data-key="pk_signed" data-visitor-id="{visitor}"
-  data-signature="{signature}" data-title="Account help" async></script>
+  data-signature="{signature}" data-title="Account help" data-open="true" async></script>
 </body></html>"""
     await page.goto(f"{shop_origin}/pages/account")
     widget = Widget(page)
     await expect(widget.launcher).to_be_visible()
     await widget.online()  # an identified visitor connects at once
-    await widget.open()
-    await expect(page.get_by_role("dialog", name="Account help")).to_be_visible()
+    await expect(page.get_by_role("dialog", name="Account help")).to_be_visible()  # data-open
+    await expect(widget.input).to_be_focused()
     await widget.send("Can I change my address?")
     await expect(widget.replies).to_have_text(["echo: Can I change my address?"])
     await widget_stub.wait_for(lambda: widget_stub.recorded("ack"))

@@ -130,10 +130,13 @@ class WidgetStub:
 
     async def wait_for(self, predicate: Callable[[], object], timeout: float = 5.0) -> None:
         """Wait until ``predicate()`` is true, re-checking after every request the stub handles."""
-        async with asyncio.timeout(timeout):
-            while not predicate():
-                changed = self._changed
-                await changed.wait()
+        try:
+            async with asyncio.timeout(timeout):
+                while not predicate():
+                    changed = self._changed
+                    await changed.wait()
+        except TimeoutError:
+            raise AssertionError(f"the stub waited {timeout} s in vain for {predicate}") from None
 
     def conversation(self, key: str, visitor_id: str) -> Conversation | None:
         return self.conversations.get((key, visitor_id))
