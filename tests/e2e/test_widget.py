@@ -207,6 +207,66 @@ async def test_reconnect_fetches_what_was_missed(
     )
 
 
+async def test_gap_in_live_messages_is_filled_on_reconnect(
+    page: Page, stub_url: str, widget_stub: WidgetStub
+) -> None:
+    await page.goto(f"{stub_url}/demo/{KEY}")
+    widget = Widget(page)
+    await widget.open()
+    await widget.send("Hello")
+    await expect(widget.replies).to_have_count(1)
+    visitor = await widget.visitor_id()
+    widget_stub.add_message(KEY, visitor, "agent", "(lost push)", push=False)  # seq 3
+    widget_stub.add_message(KEY, visitor, "agent", "Shown live.")  # seq 4
+    await expect(widget.all_texts).to_have_text(["Hello", "echo: Hello", "Shown live."])
+
+    assert widget_stub.drop_sockets(KEY, visitor) == 1
+    # The catch-up starts after the last contiguous seq (2), so the lost message shows, in order.
+    await expect(widget.all_texts).to_have_text(
+        ["Hello", "echo: Hello", "(lost push)", "Shown live."]
+    )
+
+
+async def test_new_conversation_after_resolve(
+    page: Page, stub_url: str, widget_stub: WidgetStub
+) -> None:
+    await page.goto(f"{stub_url}/demo/{KEY}")
+    widget = Widget(page)
+    await widget.open()
+    await widget.send("first")
+    await expect(widget.replies).to_have_count(1)
+    visitor = await widget.visitor_id()
+    widget_stub.add_message(KEY, visitor, "agent", "Anything else?")
+    widget_stub.add_message(KEY, visitor, "agent", "Closing this chat now.")
+    await expect(widget.all_texts).to_have_count(4)
+    old = widget_stub.conversation(KEY, visitor)
+    widget_stub.resolve(KEY, visitor)
+
+    # The next message starts a new conversation, whose seq starts again at 1.
+    await widget.send("second")
+    await expect(widget.replies).to_have_count(2)
+    new = widget_stub.conversation(KEY, visitor)
+    assert new is not None
+    assert new is not old
+    assert [m.seq for m in new.messages] == [1, 2]
+    # Missed while offline: fetched after the new conversation's cursor, not the old one's.
+    await widget.online()
+    assert widget_stub.drop_sockets(KEY, visitor) == 1
+    widget_stub.add_message(KEY, visitor, "agent", "Hi again!")
+    await expect(widget.all_texts).to_have_text(
+        [
+            "first",
+            "echo: first",
+            "Anything else?",
+            "Closing this chat now.",
+            "second",
+            "echo: second",
+            "Hi again!",
+        ]
+    )
+    assert widget_stub.recorded("get")[-1].data["after"] == "3"
+
+
 async def test_html_is_shown_literally(
     page: Page, stub_url: str, widget_stub: WidgetStub, page_log: PageLog
 ) -> None:

@@ -172,3 +172,19 @@ async def test_demo_page_is_served_with_escaped_placeholders() -> None:
     assert "{{" not in page
     assert 'data-key="pk_&lt;x&gt;"' in page
     assert 'data-title="&lt;b&gt;&quot;Bold&quot; &amp; Co&lt;/b&gt;"' in page
+
+
+async def test_post_after_resolve_starts_a_new_conversation(
+    http: aiohttp.ClientSession, widget_stub: WidgetStub
+) -> None:
+    async with http.post(MESSAGES, json=message()) as response:
+        first = await response.json()
+    widget_stub.resolve("pk_demo", "v1")
+    async with http.post(MESSAGES, json=message()) as response:  # a late retry: same answer
+        assert await response.json() == first
+    async with http.post(MESSAGES, json=message(client_message_id="c2")) as response:
+        second = await response.json()
+    assert second["conversation_id"] != first["conversation_id"]
+    async with http.get(MESSAGES, params={"visitor_id": "v1"}) as response:
+        data = await response.json()
+    assert [(m["seq"], m["id"]) for m in data["messages"]][:1] == [(1, second["message_id"])]

@@ -11,7 +11,7 @@ implements the widget endpoints the way the real gateway must, with no Redis and
 - ``GET /v1/widget/{key}/ws`` pushes ``message`` / ``typing`` / ``status`` frames and takes acks.
 
 Every request is recorded, and tests steer it through a few hooks: ``fail_next_posts``,
-``reply_gate``, ``drop_sockets``, ``add_message``, ``page_limit``, ``pages``. Use
+``reply_gate``, ``drop_sockets``, ``add_message``, ``resolve``, ``page_limit``, ``pages``. Use
 ``serve_stub`` (or the ``widget_stub`` / ``stub_url`` fixtures) to run it on a free loopback port.
 """
 
@@ -76,8 +76,10 @@ class StubMessage:
 @dataclass
 class Conversation:
     id: str
+    key: str
+    visitor_id: str
     messages: list[StubMessage] = field(default_factory=list)
-    sockets: list[web.WebSocketResponse] = field(default_factory=list)
+    resolved: bool = False  # the visitor's next message starts a new conversation (seq from 1)
 
     def by_client_id(self, client_message_id: str) -> StubMessage | None:
         return next((m for m in self.messages if m.client_message_id == client_message_id), None)
@@ -119,7 +121,9 @@ class WidgetStub:
         self.pages: dict[str, str] = {}  # extra HTML served at /pages/{name} (host pages)
         self.records: list[Record] = []
         self.http_log: list[tuple[str, str, int]] = []  # (method, path, status) of every request
-        self.conversations: dict[tuple[str, str], Conversation] = {}
+        self.conversations: dict[tuple[str, str], Conversation] = {}  # the visitor's current one
+        # Sockets belong to the visitor, not to a conversation: they outlive a resolved one.
+        self.sockets: dict[tuple[str, str], list[web.WebSocketResponse]] = {}
         self._tasks: set[asyncio.Task[object]] = set()
         self._changed = asyncio.Event()
 
@@ -144,27 +148,34 @@ class WidgetStub:
     def drop_sockets(self, key: str, visitor_id: str) -> int:
         """Close the visitor's WebSockets (as a gateway restart would). They are detached at once,
         so nothing stored from now on is pushed to them: the widget has to fetch it."""
-        conv = self.conversations.get((key, visitor_id))
-        if conv is None:
-            return 0
-        sockets, conv.sockets = conv.sockets, []
+        sockets = self.sockets.pop((key, visitor_id), [])
         for ws in sockets:
             self._spawn(ws.close(code=1012, message=b"test: server restart"))
         return len(sockets)
 
-    def add_message(self, key: str, visitor_id: str, role: str, text: str) -> StubMessage:
-        """Store a message (e.g. a human agent's) and push it to the visitor's live sockets."""
+    def add_message(
+        self, key: str, visitor_id: str, role: str, text: str, *, push: bool = True
+    ) -> StubMessage:
+        """Store a message (e.g. a human agent's) and push it to the visitor's live sockets
+        (``push=False``: a push lost between the database and the socket)."""
         conv = self._conversation(key, visitor_id)
         msg = self._store(conv, role, text)
-        self._push(conv, {"type": "message", "message": self._json(msg)})
+        if push:
+            self._push(conv, {"type": "message", "message": self._json(msg)})
         return msg
+
+    def resolve(self, key: str, visitor_id: str) -> None:
+        """Resolve the visitor's conversation (as an agent would)."""
+        conv = self.conversations.get((key, visitor_id))
+        if conv is not None:
+            conv.resolved = True
 
     async def close(self) -> None:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        for conv in self.conversations.values():
-            for ws in conv.sockets:
+        for sockets in self.sockets.values():
+            for ws in sockets:
                 await ws.close()
 
     # ---- the application ------------------------------------------------------------------
@@ -249,9 +260,11 @@ class WidgetStub:
             self.fail_next_posts -= 1
             raise ApiError(500, "internal", "injected failure (test hook)")
 
-        conv = self._conversation(key, visitor_id)
-        msg = conv.by_client_id(client_message_id)
-        if msg is None:  # a retried POST is answered with the first one's message, nothing new
+        # A retried POST is answered with the first one's message, and nothing new happens.
+        current = self.conversations.get((key, visitor_id))
+        msg = current.by_client_id(client_message_id) if current else None
+        conv = current if current and msg else self._conversation(key, visitor_id, fresh=True)
+        if msg is None:
             msg = self._store(conv, "user", text.strip(), client_message_id)
             # Every tab of this visitor shows it, so push it like any other message.
             self._push(conv, {"type": "message", "message": self._json(msg)})
@@ -285,8 +298,8 @@ class WidgetStub:
         self._check_signature(config, visitor_id, request.query.get("signature"))
         ws = web.WebSocketResponse(heartbeat=20)
         await ws.prepare(request)
-        conv = self._conversation(key, visitor_id)
-        conv.sockets.append(ws)
+        sockets = self.sockets.setdefault((key, visitor_id), [])
+        sockets.append(ws)
         self._record("ws", key, dict(request.query))
         try:
             async for frame in ws:
@@ -298,12 +311,14 @@ class WidgetStub:
                     continue
                 if isinstance(data, dict) and data.get("type") == "ack":
                     self._record("ack", key, data)
-                    acked = next((m for m in conv.messages if m.id == data.get("message_id")), None)
+                    conv = self.conversation(key, visitor_id)
+                    messages = conv.messages if conv else []
+                    acked = next((m for m in messages if m.id == data.get("message_id")), None)
                     if acked is not None:
                         self._advance(acked, "delivered")
         finally:
-            if ws in conv.sockets:
-                conv.sockets.remove(ws)
+            if ws in sockets:
+                sockets.remove(ws)
             self._notify()
         return ws
 
@@ -351,7 +366,7 @@ class WidgetStub:
             self._notify()
 
     def _push(self, conv: Conversation, frame: dict[str, Any]) -> None:
-        for ws in list(conv.sockets):
+        for ws in list(self.sockets.get((conv.key, conv.visitor_id), [])):
             self._spawn(self._send(ws, frame))
 
     @staticmethod
@@ -385,10 +400,11 @@ class WidgetStub:
         ):
             raise ApiError(403, "invalid_signature", "visitor signature is invalid", "signature")
 
-    def _conversation(self, key: str, visitor_id: str) -> Conversation:
+    def _conversation(self, key: str, visitor_id: str, *, fresh: bool = False) -> Conversation:
         conv = self.conversations.get((key, visitor_id))
-        if conv is None:
-            conv = self.conversations[key, visitor_id] = Conversation(id=str(uuid.uuid4()))
+        if conv is None or (conv.resolved and fresh):
+            conv = Conversation(id=str(uuid.uuid4()), key=key, visitor_id=visitor_id)
+            self.conversations[key, visitor_id] = conv
         return conv
 
     def _record(self, kind: RecordKind, key: str, data: dict[str, Any]) -> None:

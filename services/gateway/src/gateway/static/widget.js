@@ -191,7 +191,12 @@
   const byClientId = new Map();
   const acked = new Set();
   let pendingAcks = [];
-  let lastSeq = 0; // the largest seq seen: history is re-fetched `after` it on every (re)connect
+  // Every message up to `synced` has been seen: history is re-fetched `after` it on every
+  // (re)connect. Socket messages advance it only when contiguous, because a message stored
+  // between a history page and the socket's subscription would otherwise be skipped.
+  let synced = 0;
+  let conversationId = null;
+  let generation = 0; // bumped when a new conversation resets `synced`
   let unread = 0;
   let typingTimer = 0;
 
@@ -231,7 +236,19 @@
     if (typeof seq !== "number") return;
     m.seq = seq;
     m.el.dataset.seq = String(seq);
-    if (seq > lastSeq) lastSeq = seq;
+  }
+
+  // A resolved conversation is followed by a new one whose seq starts again at 1: forget the old
+  // cursor and order, and append from here on.
+  function setConversation(id) {
+    if (id == null || String(id) === conversationId) return;
+    if (conversationId != null) {
+      for (const el of list.children) delete el.dataset.seq;
+      synced = 0;
+      generation += 1;
+      refresh();
+    }
+    conversationId = String(id);
   }
 
   function advance(m, status) {
@@ -264,8 +281,9 @@
   }
 
   // A message from history or the socket: update the one we have, else show it.
-  function receive(data) {
+  function receive(data, live) {
     if (!data || data.id == null) return;
+    if (live && data.seq === synced + 1) synced = data.seq;
     const id = String(data.id);
     const m = byId.get(id) || (data.client_message_id && byClientId.get(data.client_message_id));
     if (m) {
@@ -338,6 +356,7 @@
         ...(signature ? { signature } : {}),
       });
       if (res.message_id != null) bindId(m, String(res.message_id));
+      setConversation(res.conversation_id);
       m.local = null;
       advance(m, res.status || "received");
     } catch (e) {
@@ -376,7 +395,7 @@
   let loading = null;
   let reload = false;
 
-  // Fetches everything after lastSeq, page by page until a page is empty (the gateway may cap
+  // Fetches everything after `synced`, page by page until a page is empty (the gateway may cap
   // page sizes). Concurrent calls coalesce into one more round.
   function refresh() {
     if (loading) {
@@ -387,7 +406,8 @@
       do {
         reload = false;
         for (let page = 0; page < 100; page++) {
-          const after = lastSeq;
+          const after = synced;
+          const gen = generation;
           let data;
           try {
             data = await request(apiUrl("messages", { after }));
@@ -396,9 +416,11 @@
             break; // the next (re)connect tries again
           }
           const msgs = (data.messages || []).slice().sort((a, b) => a.seq - b.seq);
-          msgs.forEach(receive);
-          if (typeof data.cursor === "number" && data.cursor > lastSeq) lastSeq = data.cursor;
-          if (!msgs.length || lastSeq <= after) break;
+          if (data.conversation_id != null) setConversation(data.conversation_id);
+          msgs.forEach((msg) => receive(msg, false));
+          const cursor = typeof data.cursor === "number" ? data.cursor : after;
+          if (gen === generation && cursor > synced) synced = cursor; // (not if reset meanwhile)
+          if (!msgs.length || cursor <= after) break;
         }
       } while (reload);
       loading = null;
@@ -438,7 +460,7 @@
       } catch (e) {
         return;
       }
-      if (f.type === "message") receive(f.message);
+      if (f.type === "message") receive(f.message, true);
       else if (f.type === "typing") setTyping(Boolean(f.on));
       else if (f.type === "status") {
         const m = byId.get(String(f.message_id));
