@@ -23,6 +23,7 @@ from queue_core.errors import (
     WorkerStateError,
 )
 from queue_core.events import QueueEvent, QueueEvents
+from queue_core.flows import FlowJob, FlowNode, FlowProducer
 from queue_core.job import PENDING_STATES, TERMINAL_STATES, Job, JobState
 from queue_core.options import MAX_PRIORITY, Backoff, Dedup, JobOptions, KeepJobs, QueueSettings
 from queue_core.queue import BulkJob, Queue
@@ -38,6 +39,9 @@ __all__ = [
     "BulkJob",
     "Dedup",
     "DelayJob",
+    "FlowJob",
+    "FlowNode",
+    "FlowProducer",
     "GroupFullError",
     "GroupInfo",
     "GroupRateLimitError",

@@ -191,6 +191,14 @@ class Job:
         """Append a line to the job's log (capped at `keep_logs` lines); returns the count."""
         return await self.queue._add_log(self.id, str(message), self.keep_logs)
 
+    async def children_values(self) -> dict[tuple[str, str], Any]:
+        """Results of this flow parent's completed children: {(queue base, job id): value}."""
+        return await self.queue._children(self.id, failed=False)
+
+    async def failed_children(self) -> dict[tuple[str, str], str]:
+        """Errors of children that failed under the `ignore`/`continue` policies."""
+        return await self.queue._children(self.id, failed=True)
+
     async def get_state(self) -> Any:
         return await self.queue.get_state(self.id)
 

@@ -123,9 +123,11 @@ class Queue:
         if self._own:
             await self.redis.aclose()
 
-    async def _call(self, script: str, *args: Any) -> Any:
+    async def _call(self, script: str, *args: Any, routed_only: bool = False) -> Any:
+        # routed_only: the script takes no queue base (it reaches several queues of the tag)
+        argv = list(args) if routed_only else [self._base, *args]
         try:
-            return await self._scripts[script](self.redis, self._route, [self._base, *args])
+            return await self._scripts[script](self.redis, self._route, argv)
         except ResponseError as exc:
             # Scripts refuse invalid operations with error replies ("obliterate: pause the
             # queue first"); callers get our typed error with the same message.
@@ -476,6 +478,14 @@ class Queue:
     async def _update_progress(self, job_id: str, encoded: bytes) -> None:
         if not await self._call("job_progress", job_id, encoded):
             raise JobNotFoundError(f"no job {job_id!r} in queue {self.name!r}")
+
+    async def _children(self, job_id: str, failed: bool) -> dict[tuple[str, str], Any]:
+        raw = await self._r.hgetall(self.keys.key(f"{'cfail' if failed else 'cres'}:{job_id}"))
+        out: dict[tuple[str, str], Any] = {}
+        for key, value in raw.items():
+            base, _, child_id = as_str(key).rpartition("|")
+            out[(base, child_id)] = as_str(value) if failed else orjson.loads(value)
+        return out
 
     async def _add_log(self, job_id: str, line: str, keep: int) -> int:
         return int(await self._call("job_log", job_id, line, keep))

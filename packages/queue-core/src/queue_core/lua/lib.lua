@@ -382,7 +382,11 @@ local function add_one(B, M, now, j)
   end
   if j.lifo then rcall('HSET', jk, 'lifo', '1') end
   if j.ddid ~= '' then rcall('HSET', jk, 'ddk', j.ddid, 'ddm', j.ddmode) end
-  if j.ready_at > now then
+  if j.hold then
+    -- a flow parent: it waits for its children (see add_flow and parent_child_done)
+    rcall('ZADD', B .. ':wc', now, id)
+    emit(B, M, 'e', 'waiting-children', 'id', id)
+  elseif j.ready_at > now then
     rcall('HSET', jk, 'rdy', j.ready_at)
     place_delayed(B, id, j.ready_at)
     emit(B, M, 'e', 'delayed', 'id', id, 'at', j.ready_at)
