@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+
 from queue_core import (
     FlowJob,
     FlowProducer,
@@ -43,12 +45,22 @@ async def test_parent_runs_after_children_in_other_queues(
         return {"from": job.name}
 
     tree = await flows.add(
-        FlowJob(f"{tag}-reports", "report", {"day": 1}, children=[
-            FlowJob(f"{tag}-fetch", "slow", 1),
-            FlowJob(f"{tag}-fetch", "fast", 2),
-            FlowJob(f"{tag}-render", "render", 3, children=[FlowJob(f"{tag}-fetch", "grandchild", 4)]),
-        ])
-    )  # fmt: skip
+        FlowJob(
+            f"{tag}-reports",
+            "report",
+            {"day": 1},
+            children=[
+                FlowJob(f"{tag}-fetch", "slow", 1),
+                FlowJob(f"{tag}-fetch", "fast", 2),
+                FlowJob(
+                    f"{tag}-render",
+                    "render",
+                    3,
+                    children=[FlowJob(f"{tag}-fetch", "grandchild", 4)],
+                ),
+            ],
+        )
+    )
     reports = flows.queue(f"{tag}-reports")
     assert await reports.get_state(tree.job_id) is JobState.WAITING_CHILDREN
     render = flows.queue(f"{tag}-render")
@@ -72,8 +84,13 @@ async def test_failed_child_fails_parent_by_default(redis: RedisClient, queue_na
         if job.name == "bad":
             raise UnrecoverableError("broken input")
 
-    tree = await flows.add(FlowJob(queue_name, "parent", children=[
-        FlowJob(f"{queue_name}-c", "bad"), FlowJob(f"{queue_name}-c", "good")]))  # fmt: skip
+    tree = await flows.add(
+        FlowJob(
+            queue_name,
+            "parent",
+            children=[FlowJob(f"{queue_name}-c", "bad"), FlowJob(f"{queue_name}-c", "good")],
+        )
+    )
     workers = await _workers(redis, queue_name, [queue_name, f"{queue_name}-c"], proc)
     parent_q = flows.queue(queue_name)
     await wait_for(lambda: _state(parent_q, tree.job_id, JobState.FAILED), timeout=5)
@@ -106,12 +123,24 @@ async def test_ignore_and_continue_policies(redis: RedisClient, queue_name: str)
         return "ok"
 
     child_q = f"{queue_name}-c"
-    ignore = await flows.add(FlowJob(queue_name, "parent-ignore", children=[
-        FlowJob(child_q, "bad-1", on_failure="ignore"), FlowJob(child_q, "fine")]))  # fmt: skip
-    cont = await flows.add(FlowJob(queue_name, "parent-continue", children=[
-        FlowJob(child_q, "bad-2", on_failure="continue"), FlowJob(child_q, "slow")]))  # fmt: skip
-    workers = [Worker(Queue(queue_name, redis, tag=queue_name), proc),
-               Worker(Queue(child_q, redis, tag=queue_name), proc, concurrency=4)]  # fmt: skip
+    ignore = await flows.add(
+        FlowJob(
+            queue_name,
+            "parent-ignore",
+            children=[FlowJob(child_q, "bad-1", on_failure="ignore"), FlowJob(child_q, "fine")],
+        )
+    )
+    cont = await flows.add(
+        FlowJob(
+            queue_name,
+            "parent-continue",
+            children=[FlowJob(child_q, "bad-2", on_failure="continue"), FlowJob(child_q, "slow")],
+        )
+    )
+    workers = [
+        Worker(Queue(queue_name, redis, tag=queue_name), proc),
+        Worker(Queue(child_q, redis, tag=queue_name), proc, concurrency=4),
+    ]
     for w in workers:
         w.start()
     parent_q = flows.queue(queue_name)
@@ -134,11 +163,12 @@ async def test_flow_rejects_an_existing_job_id_and_adds_nothing(
     q = flows.queue(queue_name)
     await q.add("x", None, job_id="taken")
     before = await q.get_job_counts()
-    try:
-        await flows.add(FlowJob(queue_name, "p", children=[
-            FlowJob(queue_name, "c", options=JobOptions(job_id="taken"))]))  # fmt: skip
-    except QueueError as exc:
-        assert "already exists" in str(exc)
-    else:
-        raise AssertionError("expected a QueueError")
+    with pytest.raises(QueueError, match="already exists"):
+        await flows.add(
+            FlowJob(
+                queue_name,
+                "p",
+                children=[FlowJob(queue_name, "c", options=JobOptions(job_id="taken"))],
+            )
+        )
     assert await q.get_job_counts() == before
