@@ -211,20 +211,21 @@ class RedisCluster:
 
     def __init__(self, masters: int = 3) -> None:
         self.base_dir = Path(tempfile.mkdtemp(prefix="valkey-cluster-"))
+        # The cluster bus defaults to port + 10000, which overflows for high free ports: give
+        # each node an explicit free bus port instead.
+        self.bus_ports = [free_port() for _ in range(masters)]
         self.nodes = [
             RedisServer(
                 data_dir=self.base_dir / f"node{i}",
                 extra_args=[
-                    "--cluster-enabled",
-                    "yes",
-                    "--cluster-config-file",
-                    "nodes.conf",
-                    "--cluster-node-timeout",
-                    "2000",
+                    "--cluster-enabled", "yes",
+                    "--cluster-config-file", "nodes.conf",
+                    "--cluster-node-timeout", "2000",
+                    "--cluster-port", str(self.bus_ports[i]),
                 ],
             )
             for i in range(masters)
-        ]
+        ]  # fmt: skip
 
     @property
     def startup_nodes(self) -> list[tuple[str, int]]:
@@ -244,8 +245,8 @@ class RedisCluster:
             hi = 16383 if i == len(self.nodes) - 1 else (i + 1) * per - 1
             _command(node.host, node.port, "CLUSTER", "ADDSLOTSRANGE", str(lo), str(hi))
         first = self.nodes[0]
-        for node in self.nodes[1:]:
-            _command(first.host, first.port, "CLUSTER", "MEET", node.host, str(node.port))
+        for node, bus in zip(self.nodes[1:], self.bus_ports[1:], strict=True):
+            _command(first.host, first.port, "CLUSTER", "MEET", node.host, str(node.port), str(bus))
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if all(

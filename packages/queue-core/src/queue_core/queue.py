@@ -14,7 +14,7 @@ import msgpack
 import orjson
 from redis.exceptions import NoScriptError, ResponseError
 
-from queue_core.connection import connect
+from queue_core.connection import connect, is_cluster
 from queue_core.errors import (
     GroupFullError,
     InvalidOptionError,
@@ -235,6 +235,10 @@ class Queue:
         script = self._scripts["add_jobs"]
         if len(chunks) == 1:
             replies = [await script(self.redis, self._route, chunks[0])]
+        elif is_cluster(self.redis):
+            # redis-py refuses pipelined EVALSHA on a cluster client: one call per chunk, in
+            # order (gathering them concurrently could interleave chunks and break FIFO)
+            replies = [await script(self.redis, self._route, chunk) for chunk in chunks]
         else:
             replies = await self._pipeline_script(script.name, chunks)
         out: list[tuple[str, int, Any]] = []
