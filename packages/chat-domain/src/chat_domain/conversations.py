@@ -158,6 +158,33 @@ async def get_or_create_contact(
 _ACTIVE = text("status <> 'resolved'")
 
 
+async def get_contact(session: AsyncSession, contact_id: uuid.UUID) -> ContactView | None:
+    row = await session.get(Contact, contact_id)
+    return None if row is None else ContactView.of(row)
+
+
+async def find_contact(
+    session: AsyncSession, *, channel_id: uuid.UUID, external_id: str
+) -> ContactView | None:
+    """The contact for (channel, external id), or None (never creates one)."""
+    row = await session.scalar(
+        select(Contact).where(Contact.channel_id == channel_id, Contact.external_id == external_id)
+    )
+    return None if row is None else ContactView.of(row)
+
+
+async def find_active_conversation(
+    session: AsyncSession, contact_id: uuid.UUID
+) -> ConversationView | None:
+    """The contact's conversation that is not resolved, or None (never creates one)."""
+    row = await session.scalar(
+        select(Conversation).where(
+            Conversation.contact_id == contact_id, Conversation.status != "resolved"
+        )
+    )
+    return None if row is None else ConversationView.of(row)
+
+
 async def get_or_create_conversation(
     session: AsyncSession,
     contact: ContactView,
@@ -297,6 +324,13 @@ async def insert_message(
     if row is None:
         raise NotFoundError(f"message {message_id} vanished after insert")
     return InsertMessageResult("inserted", MessageView.of(row))
+
+
+async def get_message_by_external_id(
+    session: AsyncSession, *, channel_id: uuid.UUID, external_id: str
+) -> MessageView | None:
+    row = await _find_by_external_id(session, channel_id, external_id)
+    return None if row is None else MessageView.of(row)
 
 
 async def get_message(session: AsyncSession, message_id: uuid.UUID) -> MessageView | None:

@@ -32,6 +32,10 @@ class IncomingMessage(Payload):
     external_message_id: str | None = Field(default=None, max_length=200)
     received_at: AwareDatetime
     metadata: dict[str, Any] = Field(default_factory=dict)
+    # Set when the receiving side already stored the message (the widget API does, to answer
+    # with its ids at once); the incoming worker then skips storing it again.
+    message_id: uuid.UUID | None = None
+    conversation_id: uuid.UUID | None = None
 
 
 class AIRequest(Payload):

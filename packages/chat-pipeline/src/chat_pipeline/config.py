@@ -1,0 +1,110 @@
+"""Settings of the platform's services, read from the environment (see docs/configuration.md)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from chat_domain import ConfigError
+from chat_domain import Settings as DatabaseSettings
+
+__all__ = ["PipelineSettings"]
+
+
+def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 0) -> int:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError as exc:
+        raise ConfigError(f"{name} must be an integer, got {raw!r}") from exc
+    if value < minimum:
+        raise ConfigError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+def _float(env: Mapping[str, str], name: str, default: float) -> float:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError as exc:
+        raise ConfigError(f"{name} must be a number, got {raw!r}") from exc
+    if value <= 0:
+        raise ConfigError(f"{name} must be positive, got {value}")
+    return value
+
+
+@dataclass(frozen=True, kw_only=True)
+class PipelineSettings:
+    """Everything a service of the platform reads from its environment. Secrets (database URL
+    with a password, LLM key, platform secret key) never appear in repr()."""
+
+    redis_url: str = field(default="redis://127.0.0.1:6379/0", repr=False)
+    db: DatabaseSettings = field(default_factory=DatabaseSettings)
+    # message handling
+    debounce_ms: int = 1500
+    max_message_chars: int = 4000
+    history_messages: int = 20
+    prompt_token_budget: int = 3000
+    kb_passages: int = 4
+    # AI
+    ai_attempts: int = 3
+    ai_backoff_ms: int = 1000
+    ai_timeout_ms: int = 60_000
+    llm_base_url: str = "https://api.openai.com/v1"
+    llm_api_key: str = field(default="", repr=False)
+    llm_model: str = "gpt-4o-mini"
+    llm_timeout_s: float = 30.0
+    # workers
+    incoming_concurrency: int = 20
+    outgoing_concurrency: int = 20
+    ai_concurrency: int = 10
+    # gateway
+    host: str = "127.0.0.1"
+    port: int = 8080
+    public_url: str = ""
+    gateway_role: str = "all"
+    visitor_rate: tuple[int, int] = (30, 60_000)
+    ip_rate: tuple[int, int] = (120, 60_000)
+    log_level: str = "INFO"
+
+    @property
+    def base_url(self) -> str:
+        return self.public_url or f"http://{self.host}:{self.port}"
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> PipelineSettings:
+        env = os.environ if environ is None else environ
+        role = env.get("GATEWAY_ROLE", "all")
+        if role not in ("all", "http", "workers"):
+            raise ConfigError(f"GATEWAY_ROLE must be all, http or workers, got {role!r}")
+        return cls(
+            redis_url=env.get("REDIS_URL") or "redis://127.0.0.1:6379/0",
+            db=DatabaseSettings.from_env(env),
+            debounce_ms=_int(env, "PIPELINE_DEBOUNCE_MS", 1500),
+            max_message_chars=_int(env, "MAX_MESSAGE_CHARS", 4000, 1),
+            history_messages=_int(env, "AI_HISTORY_MESSAGES", 20, 1),
+            prompt_token_budget=_int(env, "AI_PROMPT_TOKEN_BUDGET", 3000, 100),
+            kb_passages=_int(env, "AI_KB_PASSAGES", 4),
+            ai_attempts=_int(env, "AI_ATTEMPTS", 3, 1),
+            ai_backoff_ms=_int(env, "AI_BACKOFF_MS", 1000),
+            ai_timeout_ms=_int(env, "AI_JOB_TIMEOUT_MS", 60_000, 1000),
+            llm_base_url=env.get("LLM_BASE_URL") or "https://api.openai.com/v1",
+            llm_api_key=env.get("LLM_API_KEY", ""),
+            llm_model=env.get("LLM_MODEL") or "gpt-4o-mini",
+            llm_timeout_s=_float(env, "LLM_TIMEOUT_S", 30.0),
+            incoming_concurrency=_int(env, "INCOMING_CONCURRENCY", 20, 1),
+            outgoing_concurrency=_int(env, "OUTGOING_CONCURRENCY", 20, 1),
+            ai_concurrency=_int(env, "AI_CONCURRENCY", 10, 1),
+            host=env.get("GATEWAY_HOST") or "127.0.0.1",
+            port=_int(env, "GATEWAY_PORT", 8080, 0),
+            public_url=(env.get("GATEWAY_PUBLIC_URL") or "").rstrip("/"),
+            gateway_role=role,
+            visitor_rate=(_int(env, "WIDGET_VISITOR_RATE", 30, 1), 60_000),
+            ip_rate=(_int(env, "WIDGET_IP_RATE", 120, 1), 60_000),
+            log_level=(env.get("LOG_LEVEL") or "INFO").upper(),
+        )

@@ -1,0 +1,131 @@
+"""The platform's queues: names, owners' settings, and how jobs are enqueued onto them.
+
+Conversation order holds end to end because every conversation is one group (group
+concurrency 1) on the queues after `incoming-messages`; job priority and group weight come from
+the tenant's current plan.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+
+from chat_domain import QueuePriority
+from chat_domain.payloads import AIRequest, IncomingMessage, OutgoingMessage
+from queue_core import Backoff, Dedup, Job, JobOptions, KeepJobs, Queue, QueueSettings
+from queue_core.types import RedisClient
+
+__all__ = [
+    "AI",
+    "INCOMING",
+    "OUTGOING",
+    "QUEUE_SETTINGS",
+    "WEBHOOKS",
+    "WHATSAPP_CLOUD",
+    "WHATSAPP_QR",
+    "Pipeline",
+    "conversation_group",
+]
+
+INCOMING = "incoming-messages"
+AI = "ai-processing"
+OUTGOING = "outgoing-messages"
+WHATSAPP_CLOUD = "whatsapp-cloud-send"
+WHATSAPP_QR = "whatsapp-qr-send"
+WEBHOOKS = "webhook-delivery"
+
+QUEUE_SETTINGS: dict[str, QueueSettings] = {
+    name: QueueSettings(group_concurrency=1, dead_letter_queue=f"{name}-dlq")
+    for name in (INCOMING, AI, OUTGOING, WHATSAPP_CLOUD, WHATSAPP_QR, WEBHOOKS)
+}
+
+# Finished jobs are evidence for operators, not data: keep a bounded window.
+_KEEP = JobOptions(remove_on_complete=KeepJobs(count=2000, age=3600))
+
+
+def conversation_group(tenant_id: uuid.UUID, conversation_id: uuid.UUID) -> str:
+    return f"{tenant_id}:{conversation_id}"
+
+
+@dataclass(frozen=True, slots=True)
+class Pipeline:
+    """The queues of the message pipeline and the one place that decides job options."""
+
+    incoming: Queue
+    ai: Queue
+    outgoing: Queue
+    whatsapp_cloud: Queue
+    whatsapp_qr: Queue
+
+    @classmethod
+    def open(cls, redis: RedisClient) -> Pipeline:
+        return cls(
+            *(
+                Queue(n, redis, default_options=_KEEP)
+                for n in (INCOMING, AI, OUTGOING, WHATSAPP_CLOUD, WHATSAPP_QR)
+            )
+        )
+
+    async def configure(self, *queues: Queue) -> None:
+        """Owners call this on startup for the queues they consume."""
+        for queue in queues:
+            await queue.configure(QUEUE_SETTINGS[queue.name])
+
+    async def enqueue_incoming(self, message: IncomingMessage, plan: QueuePriority) -> Job:
+        # One group per sender: a sender's messages are stored in the order they arrived.
+        group = f"{message.tenant_id}:{message.channel_id}:{message.external_user_id}"
+        job_id = (
+            f"in:{message.channel_id}:{message.external_message_id}"
+            if message.external_message_id
+            else None
+        )
+        return await self.incoming.add(
+            "incoming",
+            message.model_dump(mode="json"),
+            job_id=job_id,
+            group=group,
+            priority=plan.priority,
+            group_weight=plan.weight,
+            attempts=5,
+            backoff=Backoff.exponential(500, jitter=0.3),
+        )
+
+    async def enqueue_ai(
+        self,
+        request: AIRequest,
+        plan: QueuePriority,
+        *,
+        debounce_ms: int,
+        attempts: int,
+        backoff_ms: int,
+        timeout_ms: int,
+    ) -> Job:
+        """Debounced per conversation: a burst of messages within `debounce_ms` becomes one
+        AI job that answers all of them."""
+        return await self.ai.add(
+            "answer",
+            request.model_dump(mode="json"),
+            group=conversation_group(request.tenant_id, request.conversation_id),
+            priority=plan.priority,
+            group_weight=plan.weight,
+            delay=debounce_ms,
+            dedup=Dedup(f"ai:{request.conversation_id}", mode="debounce"),
+            attempts=attempts,
+            backoff=Backoff("llm", backoff_ms),
+            timeout=timeout_ms,
+        )
+
+    async def enqueue_outgoing(self, message: OutgoingMessage, plan: QueuePriority) -> Job:
+        return await self.outgoing.add(
+            "deliver",
+            message.model_dump(mode="json"),
+            job_id=f"out:{message.message_id}",
+            group=conversation_group(message.tenant_id, message.conversation_id),
+            priority=plan.priority,
+            group_weight=plan.weight,
+            attempts=5,
+            backoff=Backoff.exponential(500, jitter=0.3),
+        )
+
+    def channel_queue(self, kind: str) -> Queue | None:
+        return {"whatsapp_cloud": self.whatsapp_cloud, "whatsapp_qr": self.whatsapp_qr}.get(kind)

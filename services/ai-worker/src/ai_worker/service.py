@@ -1,0 +1,286 @@
+"""The ai-processing worker: answer a conversation, store the reply, hand it to delivery."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from ai_worker.llm import (
+    Completion,
+    LLMClientCache,
+    LLMError,
+    PermanentLLMError,
+    ProviderConfig,
+    RetryableLLMError,
+)
+from ai_worker.offline import OfflineResponder
+from ai_worker.prompt import build_messages
+from chat_domain import (
+    ChatbotView,
+    ChunkHit,
+    MessageView,
+    get_channel,
+    get_chatbot,
+    get_chatbot_secrets,
+    get_contact,
+    get_conversation,
+    get_message_by_external_id,
+    get_queue_priority,
+    insert_message,
+    recent_messages,
+    search_chunks,
+    update_delivery_status,
+)
+from chat_domain.payloads import AIRequest, OutgoingMessage
+from chat_pipeline import PipelineSettings, Runtime
+from chat_pipeline.live import publish, status_frame, typing_frame, visitor_channel
+from queue_core import Job, Worker
+
+__all__ = ["AnswerProcessor", "llm_backoff", "run_worker"]
+
+log = logging.getLogger("ai_worker")
+
+
+@dataclass(frozen=True, slots=True)
+class _Context:
+    """What one answer needs, read in one short database transaction."""
+
+    chatbot: ChatbotView
+    provider: ProviderConfig | None
+    history: list[MessageView]
+    pending: list[MessageView]  # the user's messages this answer replies to
+    knowledge: list[ChunkHit]
+    channel_id: uuid.UUID
+    channel_kind: str
+    recipient: str
+
+
+def llm_backoff(base_ms: int, cap_ms: int = 60_000) -> Callable[[int, BaseException, Job], int]:
+    """Backoff for LLM calls: the provider's Retry-After when it sent one, else exponential
+    with jitter."""
+
+    def strategy(attempts_made: int, exc: BaseException, job: Job) -> int:
+        if isinstance(exc, RetryableLLMError) and exc.retry_after_s:
+            return min(cap_ms, int(exc.retry_after_s * 1000))
+        delay = base_ms * 2 ** max(0, attempts_made - 1)
+        return min(cap_ms, int(delay * (0.7 + 0.3 * random.random())))
+
+    return strategy
+
+
+class AnswerProcessor:
+    def __init__(self, rt: Runtime) -> None:
+        self.rt = rt
+        self.settings: PipelineSettings = rt.settings
+        self.clients = LLMClientCache()
+        self.offline = OfflineResponder()
+
+    async def close(self) -> None:
+        await self.clients.aclose()
+
+    async def __call__(self, job: Job) -> str:
+        rt = self.rt
+        req = AIRequest.model_validate(job.data)
+        reply_key = f"ai:{req.conversation_id}:{req.up_to_seq}"
+        ctx = await self._context(req, reply_key)
+        if isinstance(ctx, str):
+            return ctx
+        channel = None  # widget visitors see a typing indicator while the answer is made
+        if ctx.channel_kind == "widget":
+            channel = visitor_channel(ctx.channel_id, ctx.recipient)
+            await publish(rt.redis, channel, typing_frame(True))
+        try:
+            completion = await self._answer(job, ctx)
+        finally:
+            if channel is not None:
+                await publish(rt.redis, channel, typing_frame(False))
+        return await self._store_and_send(req, ctx, reply_key, completion, channel)
+
+    async def _context(self, req: AIRequest, reply_key: str) -> _Context | str:
+        async with self.rt.sessions() as session:
+            conversation = await get_conversation(session, req.conversation_id)
+            if conversation is None or conversation.status != "open":
+                return "no-bot"  # handed to a human (or resolved) since the message came in
+            existing = await get_message_by_external_id(
+                session, channel_id=conversation.channel_id, external_id=reply_key
+            )
+            if existing is not None:
+                # An earlier run stored the reply and stopped before handing it on (it was
+                # killed): hand it on, idempotently, instead of answering twice.
+                await self._send(req, existing, session)
+                return "resent"
+            chatbot = await get_chatbot(session, req.chatbot_id)
+            if chatbot is None:
+                return "no-chatbot"
+            recent = await recent_messages(
+                session, conversation.id, limit=self.settings.history_messages
+            )
+            # later messages have their own (debounced) job
+            history = [m for m in recent if req.up_to_seq is None or m.seq <= req.up_to_seq]
+            pending: list[MessageView] = []
+            for message in reversed(history):
+                if message.role in ("assistant", "agent"):
+                    break
+                if message.role == "user":
+                    pending.insert(0, message)
+            if not pending:
+                return "answered"  # a newer job already answered these messages
+            question = "\n".join(m.text for m in pending)
+            knowledge: list[ChunkHit] = []
+            if chatbot.kb_enabled and self.settings.kb_passages:
+                knowledge = await search_chunks(
+                    session, chatbot.id, question, self.settings.kb_passages
+                )
+            contact = await get_contact(session, conversation.contact_id)
+            channel = await get_channel(session, conversation.channel_id)
+            secrets = await get_chatbot_secrets(session, self.rt.box, chatbot.id)
+        api_key = secrets.provider_api_key or (
+            self.settings.llm_api_key if not chatbot.provider_base_url else ""
+        )
+        base_url = chatbot.provider_base_url or self.settings.llm_base_url
+        provider = None
+        if api_key or chatbot.provider_base_url:
+            provider = ProviderConfig(
+                model=chatbot.model or self.settings.llm_model,
+                base_url=base_url,
+                api_key=api_key,
+                temperature=chatbot.temperature,
+                max_tokens=chatbot.max_tokens,
+                timeout_s=self.settings.llm_timeout_s,
+            )
+        return _Context(
+            chatbot=chatbot,
+            provider=provider,
+            history=history,
+            pending=pending,
+            knowledge=knowledge,
+            channel_id=conversation.channel_id,
+            channel_kind=channel.kind if channel else "widget",
+            recipient=contact.external_id if contact else "",
+        )
+
+    async def _answer(self, job: Job, ctx: _Context) -> Completion | None:
+        """The reply, or None for the fallback (the provider failed for good)."""
+        if ctx.provider is None:
+            question = "\n".join(m.text for m in ctx.pending)
+            return self.offline.answer(question, ctx.knowledge)
+        messages = build_messages(
+            ctx.chatbot.system_prompt,
+            ctx.history,
+            ctx.knowledge,
+            token_budget=self.settings.prompt_token_budget,
+            max_history=self.settings.history_messages,
+        )
+        last_attempt = job.attempts_made + 1 >= job.attempts
+        try:
+            completion = await self.clients.get(ctx.provider).complete(messages)
+        except PermanentLLMError as exc:
+            log.warning("chatbot %s: provider refused (%s); fallback reply", ctx.chatbot.id, exc)
+            return None
+        except RetryableLLMError as exc:
+            if last_attempt:
+                log.warning(
+                    "chatbot %s: provider failed %d times (%s); fallback reply",
+                    ctx.chatbot.id,
+                    job.attempts,
+                    exc,
+                )
+                return None
+            raise  # the queue retries with llm_backoff
+        except LLMError as exc:
+            log.warning("chatbot %s: provider error (%s); fallback reply", ctx.chatbot.id, exc)
+            return None
+        return completion if completion.text.strip() else None
+
+    async def _store_and_send(
+        self,
+        req: AIRequest,
+        ctx: _Context,
+        reply_key: str,
+        completion: Completion | None,
+        channel: str | None,
+    ) -> str:
+        rt = self.rt
+        text = completion.text.strip() if completion is not None else ctx.chatbot.fallback_reply
+        async with rt.sessions() as session, session.begin():
+            result = await insert_message(
+                session,
+                conversation_id=req.conversation_id,
+                role="assistant",
+                text=text,
+                external_id=reply_key,
+                status="queued",
+            )
+            for message in ctx.pending:
+                await update_delivery_status(session, message.id, "read")
+            await self._send(req, result.message, session)
+        if completion is not None and completion.model != "offline":
+            rt.usage.record(
+                req.tenant_id,
+                "ai_prompt_tokens",
+                completion.prompt_tokens,
+                model=completion.model,
+                dedupe_key=f"{reply_key}:p",
+            )
+            rt.usage.record(
+                req.tenant_id,
+                "ai_completion_tokens",
+                completion.completion_tokens,
+                model=completion.model,
+                dedupe_key=f"{reply_key}:c",
+            )
+        if channel is not None:
+            for message in ctx.pending:
+                await publish(rt.redis, channel, status_frame(message.id, "read"))
+        return "fallback" if completion is None else "answered"
+
+    async def _send(self, req: AIRequest, message: MessageView, session: AsyncSession) -> None:
+        conversation = await get_conversation(session, req.conversation_id)
+        channel = await get_channel(session, message.channel_id)
+        contact = await get_contact(session, conversation.contact_id) if conversation else None
+        plan = await get_queue_priority(session, req.tenant_id)
+        if channel is None or contact is None:
+            return
+        await self.rt.pipeline.enqueue_outgoing(
+            OutgoingMessage(
+                tenant_id=req.tenant_id,
+                conversation_id=req.conversation_id,
+                message_id=message.id,
+                channel_id=channel.id,
+                channel_kind=channel.kind,
+                recipient_external_id=contact.external_id,
+                text=message.text,
+            ),
+            plan,
+        )
+
+
+async def run_worker(settings: PipelineSettings, stop: asyncio.Event) -> None:
+    rt = await Runtime.start(settings)
+    processor = AnswerProcessor(rt)
+    try:
+        await rt.pipeline.configure(rt.pipeline.ai)
+        worker = Worker(
+            rt.pipeline.ai,
+            processor,
+            concurrency=settings.ai_concurrency,
+            backoff_strategies={"llm": llm_backoff(settings.ai_backoff_ms)},
+            lock_duration=max(30_000, settings.ai_timeout_ms // 2),
+        )
+        worker.start()
+        log.info(
+            "ai-worker running (concurrency %d, %s)",
+            settings.ai_concurrency,
+            "LLM " + settings.llm_base_url if settings.llm_api_key else "offline answers",
+        )
+        await stop.wait()
+        await worker.close(timeout=30)
+    finally:
+        await processor.close()
+        await rt.close()

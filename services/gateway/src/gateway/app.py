@@ -1,0 +1,157 @@
+"""The gateway's aiohttp application: the only place that wires routes and resources."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import html
+import logging
+from collections.abc import AsyncIterator
+from importlib import resources
+
+from aiohttp import web
+from sqlalchemy import text
+
+from chat_domain import get_chatbot_by_widget_key
+from chat_pipeline import PipelineSettings, Runtime
+from gateway import widget
+from gateway.errors import ApiError, error_middleware
+from gateway.keys import hub_key, runtime_key
+from gateway.live_hub import LiveHub
+from gateway.workers import start_workers
+from queue_core import Queue, Worker
+
+__all__ = ["create_app", "settings_key"]
+
+log = logging.getLogger("gateway")
+
+settings_key = web.AppKey("settings", PipelineSettings)
+workers_key = web.AppKey("workers", list[Worker])
+
+_STATIC = resources.files("gateway") / "static"
+
+
+async def runtime_ctx(app: web.Application) -> AsyncIterator[None]:
+    app[runtime_key] = await Runtime.start(app[settings_key])
+    yield
+    await app[runtime_key].close()
+
+
+async def hub_ctx(app: web.Application) -> AsyncIterator[None]:
+    hub = LiveHub(app[runtime_key].redis)
+    await hub.start()
+    app[hub_key] = hub
+    yield
+    await hub.close()
+
+
+async def workers_ctx(app: web.Application) -> AsyncIterator[None]:
+    rt = app[runtime_key]
+    workers: list[Worker] = []
+    if app[settings_key].gateway_role in ("all", "workers"):
+        await rt.pipeline.configure(rt.pipeline.incoming, rt.pipeline.outgoing)
+        workers = start_workers(rt)
+    app[workers_key] = workers
+    yield
+    await asyncio.gather(*(w.close(timeout=10) for w in workers))
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    rt = request.app[runtime_key]
+    checks: dict[str, str] = {}
+    try:
+        async with asyncio.timeout(2):
+            await rt.redis.ping()
+        checks["redis"] = "ok"
+    except Exception as exc:
+        checks["redis"] = f"error: {type(exc).__name__}"
+    try:
+        async with asyncio.timeout(2), rt.sessions() as session:
+            await session.execute(text("SELECT 1"))
+        checks["database"] = "ok"
+    except Exception as exc:
+        checks["database"] = f"error: {type(exc).__name__}"
+    ok = all(v == "ok" for v in checks.values())
+    return web.json_response(
+        {"status": "ok" if ok else "unavailable", "checks": checks}, status=200 if ok else 503
+    )
+
+
+async def metrics(request: web.Request) -> web.Response:
+    rt = request.app[runtime_key]
+    p = rt.pipeline
+    queues: list[Queue] = [p.incoming, p.ai, p.outgoing, p.whatsapp_cloud, p.whatsapp_qr]
+    body = await render_metrics(queues)
+    return web.Response(
+        text=body,
+        content_type="text/plain",
+        charset="utf-8",
+        headers={"X-Content-Type-Options": "nosniff"},
+    )
+
+
+async def render_metrics(queues: list[Queue]) -> str:
+    from queue_core.metrics import render_prometheus
+
+    return await render_prometheus(queues)
+
+
+async def widget_js(request: web.Request) -> web.Response:
+    body = (_STATIC / "widget.js").read_text(encoding="utf-8")
+    return web.Response(
+        text=body,
+        content_type="application/javascript",
+        headers={"Cache-Control": "public, max-age=300"},
+    )
+
+
+async def demo_page(request: web.Request) -> web.Response:
+    rt = request.app[runtime_key]
+    key = request.match_info["public_key"]
+    async with rt.sessions() as session:
+        bot = await get_chatbot_by_widget_key(session, key)
+    if bot is None:
+        raise ApiError(404, "unknown_key", "no widget with this public key", "public_key")
+    page = (_STATIC / "demo.html").read_text(encoding="utf-8")
+    page = page.replace("{{PUBLIC_KEY}}", html.escape(key)).replace(
+        "{{TITLE}}", html.escape(bot.name)
+    )
+    return web.Response(text=page, content_type="text/html")
+
+
+def create_app(settings: PipelineSettings) -> web.Application:
+    app = web.Application(
+        middlewares=[widget.cors_middleware, error_middleware], client_max_size=64 * 1024
+    )
+    app[settings_key] = settings
+    app[widget.cache_key] = widget.WidgetConfigCache()
+    app.cleanup_ctx.extend([runtime_ctx, hub_ctx, workers_ctx])
+    app.add_routes(widget.routes())
+    app.add_routes(
+        [
+            web.get("/healthz", healthz),
+            web.get("/readyz", readyz),
+            web.get("/metrics", metrics),
+            web.get("/widget.js", widget_js),
+            web.get("/demo/{public_key}", demo_page),
+        ]
+    )
+    return app
+
+
+async def serve(settings: PipelineSettings, stop: asyncio.Event) -> None:
+    """Run the app until `stop` is set (signals set it); close cleanly."""
+    runner = web.AppRunner(create_app(settings), access_log=None, shutdown_timeout=5)
+    await runner.setup()
+    site = web.TCPSite(runner, settings.host, settings.port)
+    await site.start()
+    log.info("gateway listening on %s (role %s)", settings.base_url, settings.gateway_role)
+    try:
+        await stop.wait()
+    finally:
+        with contextlib.suppress(Exception):
+            await runner.cleanup()

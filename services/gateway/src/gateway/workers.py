@@ -1,0 +1,169 @@
+"""The gateway's queue workers: incoming-messages and outgoing-messages."""
+
+from __future__ import annotations
+
+import logging
+
+from chat_domain import (
+    check_inbound_allowed,
+    get_conversation,
+    get_message,
+    get_or_create_contact,
+    get_or_create_conversation,
+    get_queue_priority,
+    insert_message,
+    update_delivery_status,
+)
+from chat_domain.payloads import AIRequest, IncomingMessage, OutgoingMessage
+from chat_pipeline import Runtime
+from chat_pipeline.live import message_frame, publish, visitor_channel
+from queue_core import Job, UnrecoverableError, Worker
+
+__all__ = ["IncomingProcessor", "OutgoingProcessor", "start_workers"]
+
+log = logging.getLogger("gateway.workers")
+
+
+class IncomingProcessor:
+    """Store the message (unless the receiving side did), drop duplicates, enforce the plan's
+    limits, count usage, and ask for an answer (debounced per conversation)."""
+
+    def __init__(self, rt: Runtime) -> None:
+        self.rt = rt
+
+    async def __call__(self, job: Job) -> str:
+        rt = self.rt
+        msg = IncomingMessage.model_validate(job.data)
+        limit_reply = None
+        async with rt.sessions() as session, session.begin():
+            if msg.message_id is None:
+                contact = await get_or_create_contact(
+                    session,
+                    tenant_id=msg.tenant_id,
+                    channel_id=msg.channel_id,
+                    external_id=msg.external_user_id,
+                    display_name=msg.contact_name,
+                )
+                conversation = await get_or_create_conversation(
+                    session, contact, chatbot_id=msg.chatbot_id
+                )
+                result = await insert_message(
+                    session,
+                    conversation_id=conversation.id,
+                    role="user",
+                    text=msg.text,
+                    external_id=msg.external_message_id,
+                    status="received",
+                )
+                if result.duplicate:
+                    return "duplicate"  # a redelivered webhook: already answered once
+                message = result.message
+            else:
+                stored = await get_message(session, msg.message_id)
+                if stored is None:
+                    raise UnrecoverableError(f"message {msg.message_id} does not exist")
+                message = stored
+                found = await get_conversation(session, message.conversation_id)
+                if found is None:
+                    raise UnrecoverableError(f"conversation {message.conversation_id} is gone")
+                conversation = found
+            if conversation.status != "open":
+                return "no-bot"  # a human agent has the conversation (or it was resolved)
+            quota = await check_inbound_allowed(
+                session, tenant_id=msg.tenant_id, chatbot_id=msg.chatbot_id
+            )
+            plan = await get_queue_priority(session, msg.tenant_id)
+            if not quota.allowed:
+                stored_reply = await insert_message(
+                    session,
+                    conversation_id=conversation.id,
+                    role="assistant",
+                    text=quota.reply_text or "",
+                    external_id=f"limit:{message.id}",
+                    status="queued",
+                )
+                limit_reply = stored_reply.message
+        rt.usage.record(msg.tenant_id, "message_in", dedupe_key=f"in:{message.id}")
+        if limit_reply is not None:
+            log.info("tenant %s over its plan limit (%s): limit reply", msg.tenant_id, quota.reason)
+            await rt.pipeline.enqueue_outgoing(
+                OutgoingMessage(
+                    tenant_id=msg.tenant_id,
+                    conversation_id=conversation.id,
+                    message_id=limit_reply.id,
+                    channel_id=msg.channel_id,
+                    channel_kind=msg.channel_kind,
+                    recipient_external_id=msg.external_user_id,
+                    text=limit_reply.text,
+                ),
+                plan,
+            )
+            return "limited"
+        s = rt.settings
+        await rt.pipeline.enqueue_ai(
+            AIRequest(
+                tenant_id=msg.tenant_id,
+                chatbot_id=msg.chatbot_id,
+                conversation_id=conversation.id,
+                up_to_message_id=message.id,
+                up_to_seq=message.seq,
+            ),
+            plan,
+            debounce_ms=s.debounce_ms,
+            attempts=s.ai_attempts,
+            backoff_ms=s.ai_backoff_ms,
+            timeout_ms=s.ai_timeout_ms,
+        )
+        return "queued"
+
+
+class OutgoingProcessor:
+    """Route a stored reply to its channel: widget replies go live to the visitor's sockets
+    (delivered when the browser acknowledges them); WhatsApp replies go to their senders."""
+
+    def __init__(self, rt: Runtime) -> None:
+        self.rt = rt
+
+    async def __call__(self, job: Job) -> str:
+        rt = self.rt
+        out = OutgoingMessage.model_validate(job.data)
+        if out.channel_kind == "widget":
+            async with rt.sessions() as session, session.begin():
+                await update_delivery_status(session, out.message_id, "sent")
+                message = await get_message(session, out.message_id)
+            if message is None:
+                return "gone"
+            await publish(
+                rt.redis,
+                visitor_channel(out.channel_id, out.recipient_external_id),
+                message_frame(message),
+            )
+            rt.usage.record(out.tenant_id, "message_out", dedupe_key=f"out:{out.message_id}")
+            return "published"
+        queue = rt.pipeline.channel_queue(out.channel_kind)
+        if queue is None:
+            raise UnrecoverableError(f"no sender for channel kind {out.channel_kind!r}")
+        async with rt.sessions() as session, session.begin():
+            plan = await get_queue_priority(session, out.tenant_id)
+            await update_delivery_status(session, out.message_id, "queued")
+        await queue.add(
+            "send",
+            out.model_dump(mode="json"),
+            job_id=f"send:{out.message_id}",
+            group=f"{out.tenant_id}:{out.conversation_id}",
+            priority=plan.priority,
+            group_weight=plan.weight,
+            attempts=8,
+        )
+        return "routed"
+
+
+def start_workers(rt: Runtime) -> list[Worker]:
+    s = rt.settings
+    workers = [
+        Worker(rt.pipeline.incoming, IncomingProcessor(rt), concurrency=s.incoming_concurrency),
+        Worker(rt.pipeline.outgoing, OutgoingProcessor(rt), concurrency=s.outgoing_concurrency),
+    ]
+    for worker in workers:
+        worker.start()
+    return workers
