@@ -1,5 +1,9 @@
 #!/usr/bin/env bash
+# The one command that runs the platform (`make run`): installs from the lockfile, then starts
+# an embedded Valkey, SQLite (migrated), a demo tenant/chatbot/knowledge base and every service.
+# Data lives in .data/ (PLATFORM_DATA_DIR); the gateway listens on 127.0.0.1:8080
+# (GATEWAY_HOST/GATEWAY_PORT). Ctrl-C stops everything.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-echo "The platform launcher is not built yet: it lands with the message-pipeline issue." >&2
-exit 2
+scripts/uv.sh sync --locked --all-packages --quiet
+exec .venv/bin/python -m devstack.platform "$@"
