@@ -87,13 +87,15 @@ class Platform:
 
     def env(self) -> dict[str, str]:
         env = dict(os.environ)
-        env.update({
-            "REDIS_URL": self.redis_url,
-            "DATABASE_URL": self.database_url,
-            "GATEWAY_HOST": self.host,
-            "GATEWAY_PORT": str(self.port),
-            "PYTHONUNBUFFERED": "1",
-        })  # fmt: skip
+        env.update(
+            {
+                "REDIS_URL": self.redis_url,
+                "DATABASE_URL": self.database_url,
+                "GATEWAY_HOST": self.host,
+                "GATEWAY_PORT": str(self.port),
+                "PYTHONUNBUFFERED": "1",
+            }
+        )
         env.update(self.extra_env)
         return env
 
@@ -116,25 +118,57 @@ class Platform:
         return self
 
     def migrate(self) -> None:
-        self._run([sys.executable, "-m", "alembic", "-c", str(self.root / "alembic.ini"),
-                   "upgrade", "head"], "migrations")  # fmt: skip
+        self._run(
+            [
+                sys.executable,
+                "-m",
+                "alembic",
+                "-c",
+                str(self.root / "alembic.ini"),
+                "upgrade",
+                "head",
+            ],
+            "migrations",
+        )
 
     def _demo(self) -> dict[str, str]:
         state = self.data_dir / "demo.json"
         if state.exists():
             return dict(json.loads(state.read_text()))
-        out = self._run([sys.executable, "-m", "gateway.admin", "bootstrap",
-                         "--tenant", "Harbor & Pine Coffee", "--bot", "Harbor & Pine",
-                         "--plan-name", "Pro", "--plan-price-cents", "9900",
-                         "--demo-kb", "--json"], "bootstrap")  # fmt: skip
+        out = self._run(
+            [
+                sys.executable,
+                "-m",
+                "gateway.admin",
+                "bootstrap",
+                "--tenant",
+                "Harbor & Pine Coffee",
+                "--bot",
+                "Harbor & Pine",
+                "--plan-name",
+                "Pro",
+                "--plan-price-cents",
+                "9900",
+                "--demo-kb",
+                "--json",
+            ],
+            "bootstrap",
+        )
         demo = json.loads(out.splitlines()[-1])
         state.write_text(json.dumps(demo, indent=2))
         state.chmod(0o600)  # it holds the admin API key
         return dict(demo)
 
     def _run(self, argv: list[str], what: str) -> str:
-        done = subprocess.run(argv, cwd=self.root, env=self.env(), capture_output=True, text=True,
-                              timeout=120, check=False)  # fmt: skip
+        done = subprocess.run(
+            argv,
+            cwd=self.root,
+            env=self.env(),
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
         if done.returncode != 0:
             raise PlatformError(f"{what} failed:\n{done.stderr[-3000:]}")
         return done.stdout
@@ -142,9 +176,13 @@ class Platform:
     def start_service(self, name: str) -> subprocess.Popen[bytes]:
         log = (self.logs / f"{name}.log").open("ab")
         proc = subprocess.Popen(
-            [sys.executable, *SERVICES[name]], cwd=self.root, env=self.env(),
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        )  # fmt: skip
+            [sys.executable, *SERVICES[name]],
+            cwd=self.root,
+            env=self.env(),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         log.close()
         self.processes[name] = proc
         return proc
@@ -209,14 +247,19 @@ class Platform:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="make run", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    parser = argparse.ArgumentParser(
+        prog="make run", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--data-dir", default=os.environ.get("PLATFORM_DATA_DIR", ".data"))
     parser.add_argument("--port", type=int, default=int(os.environ.get("GATEWAY_PORT", "8080")))
     parser.add_argument("--host", default=os.environ.get("GATEWAY_HOST", "127.0.0.1"))
     args = parser.parse_args(argv)
-    platform = Platform(args.data_dir, port=args.port, host=args.host,
-                        redis_url=os.environ.get("PLATFORM_REDIS_URL") or None)  # fmt: skip
+    platform = Platform(
+        args.data_dir,
+        port=args.port,
+        host=args.host,
+        redis_url=os.environ.get("PLATFORM_REDIS_URL") or None,
+    )
     stop = False
 
     def on_signal(signum: int, frame: object) -> None:
@@ -251,8 +294,11 @@ Press Ctrl-C to stop.""",
         while not stop:
             for name, proc in list(platform.processes.items()):
                 if proc.poll() is not None:
-                    print(f"platform: {name} exited ({proc.returncode}); restarting. "
-                          f"Log: {platform.logs / (name + '.log')}", file=sys.stderr)  # fmt: skip
+                    print(
+                        f"platform: {name} exited ({proc.returncode}); restarting. "
+                        f"Log: {platform.logs / (name + '.log')}",
+                        file=sys.stderr,
+                    )
                     platform.start_service(name)
             time.sleep(0.5)
     finally:

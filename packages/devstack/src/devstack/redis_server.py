@@ -218,14 +218,18 @@ class RedisCluster:
             RedisServer(
                 data_dir=self.base_dir / f"node{i}",
                 extra_args=[
-                    "--cluster-enabled", "yes",
-                    "--cluster-config-file", "nodes.conf",
-                    "--cluster-node-timeout", "2000",
-                    "--cluster-port", str(self.bus_ports[i]),
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-config-file",
+                    "nodes.conf",
+                    "--cluster-node-timeout",
+                    "2000",
+                    "--cluster-port",
+                    str(self.bus_ports[i]),
                 ],
             )
             for i in range(masters)
-        ]  # fmt: skip
+        ]
 
     @property
     def startup_nodes(self) -> list[tuple[str, int]]:
