@@ -55,6 +55,8 @@ class PipelineSettings:
     ai_attempts: int = 3
     ai_backoff_ms: int = 1000
     ai_timeout_ms: int = 60_000
+    ai_lock_ms: int = 30_000
+    stalled_interval_ms: int = 30_000
     llm_base_url: str = "https://api.openai.com/v1"
     llm_api_key: str = field(default="", repr=False)
     llm_model: str = "gpt-4o-mini"
@@ -93,6 +95,8 @@ class PipelineSettings:
             ai_attempts=_int(env, "AI_ATTEMPTS", 3, 1),
             ai_backoff_ms=_int(env, "AI_BACKOFF_MS", 1000),
             ai_timeout_ms=_int(env, "AI_JOB_TIMEOUT_MS", 60_000, 1000),
+            ai_lock_ms=_int(env, "AI_LOCK_MS", 30_000, 500),
+            stalled_interval_ms=_int(env, "QUEUE_STALLED_INTERVAL_MS", 30_000, 100),
             llm_base_url=env.get("LLM_BASE_URL") or "https://api.openai.com/v1",
             llm_api_key=env.get("LLM_API_KEY", ""),
             llm_model=env.get("LLM_MODEL") or "gpt-4o-mini",

@@ -271,7 +271,9 @@ async def run_worker(settings: PipelineSettings, stop: asyncio.Event) -> None:
             processor,
             concurrency=settings.ai_concurrency,
             backoff_strategies={"llm": llm_backoff(settings.ai_backoff_ms)},
-            lock_duration=max(30_000, settings.ai_timeout_ms // 2),
+            # a dead worker's job restarts after at most lock + stalled interval
+            lock_duration=settings.ai_lock_ms,
+            stalled_interval=settings.stalled_interval_ms,
         )
         worker.start()
         log.info(

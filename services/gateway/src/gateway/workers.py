@@ -161,8 +161,18 @@ class OutgoingProcessor:
 def start_workers(rt: Runtime) -> list[Worker]:
     s = rt.settings
     workers = [
-        Worker(rt.pipeline.incoming, IncomingProcessor(rt), concurrency=s.incoming_concurrency),
-        Worker(rt.pipeline.outgoing, OutgoingProcessor(rt), concurrency=s.outgoing_concurrency),
+        Worker(
+            rt.pipeline.incoming,
+            IncomingProcessor(rt),
+            concurrency=s.incoming_concurrency,
+            stalled_interval=s.stalled_interval_ms,
+        ),
+        Worker(
+            rt.pipeline.outgoing,
+            OutgoingProcessor(rt),
+            concurrency=s.outgoing_concurrency,
+            stalled_interval=s.stalled_interval_ms,
+        ),
     ]
     for worker in workers:
         worker.start()
