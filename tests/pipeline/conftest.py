@@ -18,7 +18,7 @@ __all__ = ["FakeLLM", "fake_llm", "platform"]
 @pytest.fixture
 def _test_cleanup() -> Iterator[list[str]]:
     # the platform has its own Redis; no queue keys of the shared test server are used here
-    yield []
+    return []
 
 
 @pytest.fixture

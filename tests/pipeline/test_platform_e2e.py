@@ -139,7 +139,7 @@ async def test_killing_the_ai_worker_mid_job_still_yields_exactly_one_reply(
             await asyncio.sleep(0.05)
     platform.kill_service("ai-worker")
     platform.start_service("ai-worker")
-    messages = await widget.wait_messages(
+    await widget.wait_messages(
         visitor, lambda ms: any(m["role"] == "assistant" for m in ms), timeout=20
     )
     await _ai_idle(platform)
@@ -172,7 +172,7 @@ async def test_data_survives_a_platform_restart(widget: WidgetClient, platform: 
         platform.start_service(name)
     platform.wait_ready()
     messages = (await widget.messages(visitor))["messages"]
-    assert [m["text"] for m in messages][0] == "Remember me?"
+    assert next(m["text"] for m in messages) == "Remember me?"
     status, _ = await widget.post(visitor, "Still there?")
     assert status == 202
     await widget.wait_messages(visitor, lambda ms: len(ms) == 4)
