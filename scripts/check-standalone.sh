@@ -8,6 +8,13 @@ for dir in services/*/; do
   module="${name//-/_}"
   env_dir=".venv-standalone/$name"
   UV_PROJECT_ENVIRONMENT="$env_dir" scripts/uv.sh sync --locked --package "$name" --no-dev --quiet
-  "$env_dir/bin/python" -c "import importlib; importlib.import_module('$module.__main__')"
+  # every module of the service, so a missing declared dependency fails here
+  "$env_dir/bin/python" - "$module" <<'PY'
+import importlib, pkgutil, sys
+package = importlib.import_module(sys.argv[1])
+for info in pkgutil.walk_packages(package.__path__, package.__name__ + "."):
+    importlib.import_module(info.name)
+importlib.import_module(sys.argv[1] + ".__main__")
+PY
 done
 echo "standalone: every service imports with only its declared dependencies"
