@@ -24,8 +24,10 @@ from queue_core.errors import (
 )
 from queue_core.events import QueueEvent, QueueEvents
 from queue_core.job import PENDING_STATES, TERMINAL_STATES, Job, JobState
+from queue_core.metrics import QueueMetrics, QueueSnapshot, render_prometheus
 from queue_core.options import MAX_PRIORITY, Backoff, Dedup, JobOptions, KeepJobs, QueueSettings
 from queue_core.queue import BulkJob, Queue
+from queue_core.registry import list_queues
 from queue_core.types import GroupInfo, JobCounts
 from queue_core.worker import Worker
 
@@ -55,11 +57,15 @@ __all__ = [
     "QueueError",
     "QueueEvent",
     "QueueEvents",
+    "QueueMetrics",
     "QueueSettings",
+    "QueueSnapshot",
     "RateLimitError",
     "SerializationError",
     "UnrecoverableError",
     "Worker",
     "WorkerStateError",
     "connect",
+    "list_queues",
+    "render_prometheus",
 ]
