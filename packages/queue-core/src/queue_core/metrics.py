@@ -245,7 +245,7 @@ async def _collect(
             _SUM_MINUTES.pop(base, None)
         return job_counts, metrics
     has_totals = raw["ct"] is not None or raw["ft"] is not None
-    if has_totals or not any(_int(raw[f]) for f in _HIST_FIELDS):
+    if has_totals or not any(v is not None for f, v in raw.items() if f != "hs"):
         # All-time totals kept by the finish script, or nothing ever finished.
         return job_counts, _build(queue.name, minute, minutes, raw.get, (0, 0))
     # No all-time totals: sum the per-minute fields (and read the whole hash from now on).
