@@ -212,7 +212,8 @@ async def _read(
     for attempt in range(2):
         pipe = r.pipeline(transaction=False)
         if counts:
-            pipe.evalsha(script.sha, 1, queue.keys.meta, queue.keys.base)
+            # (execute_command: redis-py's cluster pipeline refuses its evalsha method)
+            pipe.execute_command("EVALSHA", script.sha, 1, queue.keys.meta, queue.keys.base)
         if whole:
             pipe.hgetall(mk)
         else:

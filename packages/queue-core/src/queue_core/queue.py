@@ -290,7 +290,8 @@ class Queue:
         for attempt in range(2):
             pipe = self._r.pipeline(transaction=False)
             for args in arg_lists:
-                pipe.evalsha(script.sha, len(self._route), *self._route, *args)
+                # (execute_command: redis-py's cluster pipeline refuses its evalsha method)
+                pipe.execute_command("EVALSHA", script.sha, len(self._route), *self._route, *args)
             try:
                 return list(await pipe.execute())
             except NoScriptError:
