@@ -3,9 +3,10 @@
 Queues need no creation, so nothing lists them by design. Operators' tools do need a list:
 
 - the registry, a SET `<prefix>:queues` with members `name` (or `name|tag` when the queue has a
-  tag of its own, or its name contains `|`), written by `Queue.configure()` (for the queue and
-  its dead-letter queue) and once per `Queue` object after its first successful add, and
-  cleaned by `Queue.obliterate()`;
+  tag of its own), written by `Queue.configure()` (for the queue and its dead-letter queue) and
+  once per `Queue` object after its first successful add, and cleaned by `Queue.obliterate()`.
+  Names and tags may themselves contain `|`: such members are read every possible way and the
+  readings whose queue has keys are kept;
 - discovery: `SCAN MATCH <prefix>:{*}:ctr` on every primary, which finds every queue without a
   separate tag that ever had a job added (the `ctr` counter is created by the first add and
   only deleted by obliterate).
@@ -54,20 +55,33 @@ def registry_key(prefix: str = "qc") -> str:
 
 
 def registry_member(name: str, tag: str | None = None) -> str:
-    """`name`, or `name|tag` when the tag differs (or the name itself contains `|`)."""
+    """`name`, or `name|tag` when the queue has a tag of its own."""
     tag = tag or name
-    if tag == name and "|" not in name:
-        return name
-    return f"{name}|{tag}"
+    return name if tag == name else f"{name}|{tag}"
 
 
 def parse_member(member: str) -> tuple[str, str]:
-    """(name, tag) of a registry member. Tags containing `|` cannot be told apart: the last
-    `|` separates name and tag."""
+    """The likeliest (name, tag) of a registry member: the last `|` separates name and tag.
+    (`list_queues` also tries the other readings when names or tags contain `|`.)"""
     if "|" in member:
         name, _, tag = member.rpartition("|")
         return name, tag
     return member, member
+
+
+def _readings(member: str, prefix: str) -> list[tuple[str, str]]:
+    """Every valid (name, tag) that `member` can stand for, the likeliest first."""
+    options = [parse_member(member), (member, member)]
+    options += [(member[:i], member[i + 1 :]) for i, ch in enumerate(member) if ch == "|"]
+    out: list[tuple[str, str]] = []
+    for name, tag in options:
+        try:
+            QueueKeys.of(name, prefix, tag)
+        except InvalidOptionError:
+            continue  # not written by queue-core
+        if (name, tag) not in out:
+            out.append((name, tag))
+    return out
 
 
 def glob_escape(text: str) -> str:
@@ -145,22 +159,23 @@ async def list_queues(
     Registry members whose queue has no keys left are left out unless `include_empty`.
     """
     r: Any = redis
-    registered: set[tuple[str, str]] = set()
-    for member in await r.smembers(registry_key(prefix)):
-        name, tag = parse_member(as_str(member))
-        try:
-            QueueKeys.of(name, prefix, tag)
-        except InvalidOptionError:
-            continue  # not written by queue-core
-        registered.add((name, tag))
+    members = [_readings(as_str(m), prefix) for m in await r.smembers(registry_key(prefix))]
     found = await _scan_counters(redis, prefix)
-    unverified = sorted(registered - found)
-    if unverified and not include_empty:
+    candidates = sorted({q for readings in members for q in readings} - found)
+    present: set[tuple[str, str]] = set()
+    if candidates:
         pipe = r.pipeline(transaction=False)
-        for name, tag in unverified:
+        for name, tag in candidates:
             keys = QueueKeys.of(name, prefix, tag)
             # All keys of a queue share its hash slot: one EXISTS per queue, also on a cluster.
             pipe.exists(*(keys.key(k) for k in _PRESENCE))
-        present = await pipe.execute()
-        unverified = [q for q, n in zip(unverified, present, strict=True) if int(n)]
-    return sorted(found | set(unverified))
+        replies = await pipe.execute()
+        present = {q for q, n in zip(candidates, replies, strict=True) if int(n)}
+    result = set(found)
+    for readings in members:
+        live = [q for q in readings if q in present or q in found]
+        if live:
+            result.update(live)
+        elif include_empty and readings:
+            result.add(readings[0])
+    return sorted(result)
