@@ -588,6 +588,9 @@ async def test_obliterate_guards_queues_sharing_the_tag(
     assert code == 1 and f"would also delete {queue_name}-dlq" in err
     assert "--include-shared" in err
     assert await _dump(redis, prefix) == before
+    # the tag of a dead-letter queue is found when its name is unique
+    code, out, _ = await cli("--json", "jobs", f"{queue_name}-dlq", "waiting")
+    assert code == 0 and [r["name"] for r in orjson.loads(out)] == ["dead"]
     # the DLQ alone can go: nothing else lives under its keys
     code, out, _ = await cli("obliterate", f"{queue_name}-dlq", "--tag", queue_name, "--force")
     assert code == 0, out
@@ -625,6 +628,11 @@ async def test_usage_and_refusals_change_nothing(
     assert code == 1 and "does not exist" in err
     code, _, err = await cli("retry", f"{queue_name}-typo")
     assert code == 1
+    for tag in ("t1", "t2"):
+        await Queue("twin", redis, prefix=prefix, tag=f"{queue_name}-{tag}").add("x", None)
+    before = await _dump(redis, prefix)
+    code, _, err = await cli("drain", "twin")
+    assert code == 1 and "several queues are named 'twin'; choose one with --tag" in err
     assert await _dump(redis, prefix) == before, "nothing changed, no queue created"
     code, out, _ = await cli("--help")
     assert code == 0 and "obliterate" in out

@@ -110,15 +110,24 @@ class Context:
 
     async def existing_queue(self, name: str, tag: str | None = None) -> Queue:
         """The queue, or CommandError when it has no keys at all (a typo, usually): commands
-        must not create queues by writing settings into nothing."""
-        queue = self.queue(name, tag)
-        if not await queue_exists(self.redis, name, tag, self.prefix):
-            where = f"queue {name!r}" + (f" (tag {tag!r})" if tag and tag != name else "")
-            raise CommandError(
-                f"{where} does not exist under prefix {self.prefix!r}; "
-                "`queue-core stats` lists the queues"
-            )
-        return queue
+        must not create queues by writing settings into nothing. Without `tag`, a queue of
+        that name with a tag of its own (a dead-letter queue) is found when it is the only one.
+        """
+        if await queue_exists(self.redis, name, tag, self.prefix):
+            return self.queue(name, tag)
+        if tag is None:
+            tags = [t for n, t in await list_queues(self.redis, self.prefix) if n == name]
+            if len(tags) == 1:
+                return self.queue(name, tags[0])
+            if tags:
+                raise CommandError(
+                    f"several queues are named {name!r}; choose one with --tag ({', '.join(tags)})"
+                )
+        where = f"queue {name!r}" + (f" (tag {tag!r})" if tag and tag != name else "")
+        raise CommandError(
+            f"{where} does not exist under prefix {self.prefix!r}; "
+            "`queue-core stats` lists the queues"
+        )
 
 
 # -- formatting -----------------------------------------------------------------------------
