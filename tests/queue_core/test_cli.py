@@ -636,6 +636,9 @@ async def test_usage_and_refusals_change_nothing(
     assert await _dump(redis, prefix) == before, "nothing changed, no queue created"
     code, out, _ = await cli("--help")
     assert code == 0 and "obliterate" in out
+    # options after the command override those before it; a bad URL is a usage error
+    code, _, err = await cli("stats", "--redis", "nonsense://:pw1234@h:1")
+    assert code == 2 and "invalid --redis URL nonsense://:***@h:1" in err and "pw1234" not in err
 
 
 # -- the console script -------------------------------------------------------------------------

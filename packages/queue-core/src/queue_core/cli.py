@@ -133,14 +133,12 @@ class Context:
 # -- formatting -----------------------------------------------------------------------------
 
 
-def iso(ms: int | None, *, precise: bool = True) -> str | None:
+def iso(ms: int | None) -> str | None:
     """Epoch milliseconds as ISO-8601 UTC (`2024-05-01T12:00:00.123Z`), None for None/0."""
     if not ms:
         return None
     moment = datetime.fromtimestamp(ms / 1000, tz=UTC)
-    return moment.isoformat(timespec="milliseconds" if precise else "seconds").replace(
-        "+00:00", "Z"
-    )
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def _cell(value: Any, width: int) -> str:
@@ -782,17 +780,16 @@ async def _run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     url: str = args.redis
     secrets = _secrets(url)
 
-    def fail(message: str) -> int:
-        for secret in secrets:
+    def fail(message: str, code: int = 1) -> int:
+        for secret in secrets:  # never echo a password, whatever a library put in a message
             message = message.replace(secret, "***")
         print(f"queue-core: error: {message}", file=err)
-        return 1
+        return code
 
     try:
         redis = connect(url)
     except (ValueError, RedisError, RedisClusterException) as exc:
-        print(f"queue-core: error: invalid --redis URL {mask_url(url)}: {exc}", file=err)
-        return 2
+        return fail(f"invalid --redis URL {mask_url(url)}: {exc}", 2)
     handler: Handler = args.handler
     params = list(inspect.signature(handler).parameters)[1:]
     kwargs = {name: getattr(args, name) for name in params if hasattr(args, name)}
