@@ -94,5 +94,9 @@ async def _test_cleanup(
                 for pattern in (f"qc:{{{name}*", f"test:{name}:*"):
                     async for key in client.scan_iter(match=pattern, count=1000):
                         await client.delete(key)
+                # the queue registry (queue_core.registry) names them too
+                members = [m async for m in client.sscan_iter("qc:queues") if name in str(m)]
+                if members:
+                    await client.srem("qc:queues", *members)
         finally:
             await client.aclose()

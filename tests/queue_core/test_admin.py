@@ -7,6 +7,7 @@ import asyncio
 import pytest
 
 from queue_core import (
+    Dedup,
     Job,
     JobOptions,
     JobState,
@@ -293,3 +294,27 @@ async def test_obliterate_requires_pause_and_force_with_active_jobs(
     await worker.close(5)  # its late result finds no job: nothing is written back
     leftover = [k async for k in redis.scan_iter(match=f"qc:{{{queue_name}}}*")]
     assert leftover == [], leftover
+
+
+async def test_obliterate_leaves_queues_sharing_the_tag_alone(
+    redis: RedisClient, queue_name: str
+) -> None:
+    """Regression: the key cleanup by pattern also matched `<base>:<dlq name>:*`."""
+    q = Queue(queue_name, redis)
+    await q.configure(QueueSettings(dead_letter_queue=f"{queue_name}-dlq"))
+    dlq = q.dead_letter_queue()
+    kept = await dlq.add("x", "dead letter")
+    await q.add("x", 1, dedup=Dedup("d"))
+    await q.pause()
+    await q.obliterate()
+    assert await dlq.get_job(kept.id) is not None
+    assert [k async for k in redis.scan_iter(match=f"qc:{{{queue_name}}}:de:*")] == []
+
+
+def test_a_queue_name_that_reads_as_a_key_kind_is_refused_in_a_shared_tag() -> None:
+    from queue_core import InvalidOptionError
+    from queue_core.keys import QueueKeys
+
+    with pytest.raises(InvalidOptionError):
+        QueueKeys.of("de", tag="orders")
+    assert QueueKeys.of("de").base == "qc:{de}"  # fine with its own tag

@@ -25,8 +25,10 @@ from queue_core.errors import (
 from queue_core.events import QueueEvent, QueueEvents
 from queue_core.flows import FlowJob, FlowNode, FlowProducer
 from queue_core.job import PENDING_STATES, TERMINAL_STATES, Job, JobState
+from queue_core.metrics import QueueMetrics, QueueSnapshot, render_prometheus
 from queue_core.options import MAX_PRIORITY, Backoff, Dedup, JobOptions, KeepJobs, QueueSettings
 from queue_core.queue import BulkJob, Queue
+from queue_core.registry import list_queues
 from queue_core.schedulers import Schedule, SchedulerInfo
 from queue_core.types import GroupInfo, JobCounts
 from queue_core.worker import Worker
@@ -60,7 +62,9 @@ __all__ = [
     "QueueError",
     "QueueEvent",
     "QueueEvents",
+    "QueueMetrics",
     "QueueSettings",
+    "QueueSnapshot",
     "RateLimitError",
     "Schedule",
     "SchedulerInfo",
@@ -69,4 +73,6 @@ __all__ = [
     "Worker",
     "WorkerStateError",
     "connect",
+    "list_queues",
+    "render_prometheus",
 ]

@@ -6,7 +6,47 @@ from dataclasses import dataclass
 
 from queue_core.errors import InvalidOptionError
 
-__all__ = ["QueueKeys", "validate_name"]
+__all__ = ["KEY_KINDS", "QueueKeys", "validate_name"]
+
+# The key kinds under a queue's base (lua/lib.lua lists what each holds).
+KEY_KINDS = frozenset(
+    [
+        "meta",
+        "ctr",
+        "pseq",
+        "wait",
+        "active",
+        "delayed",
+        "completed",
+        "failed",
+        "events",
+        "idle",
+        "w",
+        "j",
+        "l",
+        "de",
+        "limiter",
+        "qhold",
+        "stall",
+        "metrics",
+        "groups",
+        "g",
+        "gm",
+        "gready",
+        "gprios",
+        "gheld",
+        "gclock",
+        "gw",
+        "wc",
+        "deps",
+        "cres",
+        "cfail",
+        "sched",
+        "sch",
+        "fseq",
+        "grl",
+    ]
+)
 
 _FORBIDDEN = set("{}\r\n\t ")
 
@@ -40,6 +80,9 @@ class QueueKeys:
         validate_name(prefix, "prefix")
         if tag is not None:
             validate_name(tag, "tag")
+            if tag != name and name in KEY_KINDS:
+                # its keys would read as keys of the queue named like the tag
+                raise InvalidOptionError("queue name", f"{name!r} is reserved in a shared tag")
         return cls(prefix, name, tag or name)
 
     @property

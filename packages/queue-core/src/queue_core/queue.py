@@ -8,13 +8,13 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgpack
 import orjson
-from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import NoScriptError, RedisError, ResponseError
 
-from queue_core.connection import connect, is_cluster
+from queue_core.connection import connect
 from queue_core.errors import (
     GroupFullError,
     InvalidOptionError,
@@ -28,9 +28,13 @@ from queue_core.events import FinishWaiters, QueueEvents
 from queue_core.job import Job, JobState
 from queue_core.keys import QueueKeys, validate_name
 from queue_core.options import JobOptions, QueueSettings
+from queue_core.registry import register_queues, unregister_queue
 from queue_core.schedulers import Schedule, SchedulerInfo
 from queue_core.scripts import scripts
 from queue_core.types import GroupInfo, JobCounts, RedisClient, as_str
+
+if TYPE_CHECKING:
+    from queue_core.metrics import QueueMetrics
 
 __all__ = ["BulkJob", "Queue"]
 
@@ -38,6 +42,12 @@ log = logging.getLogger("queue_core.queue")
 
 _PB = 2**32
 _ADD_CHUNK = 500  # jobs per add script call; a bulk pipelines its chunks in one round trip
+
+
+def _glob_escape(text: str) -> str:
+    for char in "\\*?[]":
+        text = text.replace(char, "\\" + char)
+    return text
 
 
 def _pack(value: Any) -> bytes:
@@ -62,6 +72,37 @@ def _control(opts: JobOptions) -> tuple[Any, ...]:
         dedup.id if dedup else "",
         (dedup.ttl or 0) if dedup else 0,
         dedup.mode if dedup else "",
+    )
+
+
+def job_counts_from_reply(reply: Sequence[Any]) -> JobCounts:
+    """`JobCounts` from the reply of the `get_counts` script."""
+    r = [int(x) for x in reply]
+    return JobCounts(
+        waiting=r[0],
+        prioritized=r[1],
+        delayed=r[2],
+        active=r[3],
+        completed=r[4],
+        failed=r[5],
+        waiting_children=r[6],
+        paused=bool(r[7]),
+        groups=r[8],
+        grouped_waiting=r[9],
+    )
+
+
+def group_info_from_reply(reply: Sequence[Any]) -> GroupInfo:
+    """`GroupInfo` from the reply of `group_control info`."""
+    r = [int(float(x)) for x in reply]
+    return GroupInfo(
+        waiting=r[0],
+        active=r[1],
+        paused=bool(r[2]),
+        held_until=r[3],
+        concurrency=r[4],
+        rate_limit_max=r[5],
+        rate_limit_duration=r[6],
     )
 
 
@@ -111,6 +152,7 @@ class Queue:
         self._flushing = False
         self._tasks: set[asyncio.Task[None]] = set()
         self._waiters: FinishWaiters | None = None
+        self._registered = False  # in the registry `<prefix>:queues` (see queue_core.registry)
 
     def __repr__(self) -> str:
         return f"Queue({self.name!r}, base={self._base!r})"
@@ -235,12 +277,10 @@ class Queue:
         script = self._scripts["add_jobs"]
         if len(chunks) == 1:
             replies = [await script(self.redis, self._route, chunks[0])]
-        elif is_cluster(self.redis):
-            # redis-py refuses pipelined EVALSHA on a cluster client: one call per chunk, in
-            # order (gathering them concurrently could interleave chunks and break FIFO)
-            replies = [await script(self.redis, self._route, chunk) for chunk in chunks]
         else:
             replies = await self._pipeline_script(script.name, chunks)
+        if not self._registered:
+            await self._register()
         out: list[tuple[str, int, Any]] = []
         for reply in replies:
             for i in range(0, len(reply), 3):
@@ -260,7 +300,8 @@ class Queue:
         for attempt in range(2):
             pipe = self._r.pipeline(transaction=False)
             for args in arg_lists:
-                pipe.evalsha(script.sha, len(self._route), *self._route, *args)
+                # (execute_command: redis-py's cluster pipeline refuses its evalsha method)
+                pipe.execute_command("EVALSHA", script.sha, len(self._route), *self._route, *args)
             try:
                 return list(await pipe.execute())
             except NoScriptError:
@@ -322,6 +363,18 @@ class Queue:
         for k, v in settings.extra.items():
             sets[f"x:{k}"] = v
         await self._configure(sets, deletes)
+        known: list[tuple[str, str | None]] = [(self.name, self.keys.tag)]
+        if settings.dead_letter_queue is not None:
+            known.append((settings.dead_letter_queue, self.keys.tag))
+        await self._register(known)
+
+    async def _register(self, queues: list[tuple[str, str | None]] | None = None) -> None:
+        """Record queues in the registry (best effort: the registry only serves operators)."""
+        self._registered = True
+        try:
+            await register_queues(self.redis, queues or [(self.name, self.keys.tag)], self.prefix)
+        except RedisError as exc:
+            log.warning("queue %s: could not record it in the queue registry: %s", self.name, exc)
 
     async def _configure(self, sets: dict[str, Any], deletes: Sequence[str] = ()) -> None:
         args: list[Any] = [len(sets)]
@@ -359,19 +412,14 @@ class Queue:
         return None if state == "missing" else JobState(state)
 
     async def get_job_counts(self) -> JobCounts:
-        r = [int(x) for x in await self._call("get_counts")]
-        return JobCounts(
-            waiting=r[0],
-            prioritized=r[1],
-            delayed=r[2],
-            active=r[3],
-            completed=r[4],
-            failed=r[5],
-            waiting_children=r[6],
-            paused=bool(r[7]),
-            groups=r[8],
-            grouped_waiting=r[9],
-        )
+        return job_counts_from_reply(await self._call("get_counts"))
+
+    async def get_metrics(self, minutes: int = 60) -> QueueMetrics:
+        """Completed/failed jobs per minute for the last `minutes` complete minutes, totals and
+        the processing-time histogram (see `queue_core.metrics`)."""
+        from queue_core.metrics import get_metrics
+
+        return await get_metrics(self, minutes)
 
     async def list_job_ids(
         self, state: JobState | str, start: int = 0, count: int = 100
@@ -528,10 +576,17 @@ class Queue:
         """Delete the queue and everything in it. The queue must be paused first."""
         while not int(await self._call("obliterate", "1" if force else "0", batch)):
             pass
-        # Keys the scripts cannot enumerate (dedup keys, group rate windows) go by pattern.
-        pattern = self._base.replace("[", "\\[").replace("*", "\\*").replace("?", "\\?") + ":*"
-        async for key in self._r.scan_iter(match=pattern, count=1000):
-            await self._r.delete(key)
+        # Keys the scripts cannot enumerate go by pattern: only these kinds, never `<base>:*`,
+        # which would also match other queues sharing the tag (a dead-letter queue).
+        base = _glob_escape(self._base)
+        for kind in ("de", "grl", "w"):
+            async for key in self._r.scan_iter(match=f"{base}:{kind}:*", count=1000):
+                await self._r.delete(key)
+        self._registered = False
+        try:
+            await unregister_queue(self.redis, self.name, self.keys.tag, self.prefix)
+        except RedisError as exc:
+            log.warning("queue %s: could not remove it from the queue registry: %s", self.name, exc)
 
     async def retry_jobs(
         self,
@@ -646,16 +701,19 @@ class Queue:
         await self._group("hold", group, int(delay_ms))
 
     async def get_group_info(self, group: str) -> GroupInfo:
-        r = [int(float(x)) for x in await self._group("info", group)]
-        return GroupInfo(
-            waiting=r[0],
-            active=r[1],
-            paused=bool(r[2]),
-            held_until=r[3],
-            concurrency=r[4],
-            rate_limit_max=r[5],
-            rate_limit_duration=r[6],
+        return group_info_from_reply(await self._group("info", group))
+
+    async def get_group_infos(self, groups: Sequence[str]) -> list[GroupInfo]:
+        """`get_group_info` of several groups in one round trip."""
+        for group in groups:
+            if not isinstance(group, str) or not group:
+                raise InvalidOptionError("group", "must be a non-empty string")
+        if not groups:
+            return []
+        replies = await self._pipeline_script(
+            "group_control", [[self._base, "info", group] for group in groups]
         )
+        return [group_info_from_reply(reply) for reply in replies]
 
     async def list_groups(self, start: int = 0, count: int = 100) -> list[str]:
         """Groups that have waiting or active jobs or settings of their own, by name."""

@@ -127,14 +127,43 @@ if applied > 0 then
     rcall('HINCRBY', mk, hist[k], hist[k + 1])
   end
 end
+-- Drop the per-minute counts of minutes <= upto (older than 7 days). `sw` remembers how far
+-- that was done, so minutes in which nothing finished go too (at most 1440 per call); on a
+-- hash without `sw`, whatever has aged is dropped once.
+local function age_minutes(upto)
+  local sw = tonumber(rcall('HGET', mk, 'sw'))
+  local dead = {}
+  if not sw then
+    for _, f in ipairs(rcall('HKEYS', mk)) do
+      local m = tonumber(string.match(f, '^[cf]:(%d+)$'))
+      if m and m <= upto then dead[#dead + 1] = f end
+    end
+    sw = upto
+  elseif sw < upto then
+    local to = math.min(upto, sw + 1440)
+    for m = sw + 1, to do
+      dead[#dead + 1] = 'c:' .. m
+      dead[#dead + 1] = 'f:' .. m
+    end
+    sw = to
+  else
+    return
+  end
+  for i = 1, #dead, 1000 do
+    rcall('HDEL', mk, unpack(dead, i, math.min(i + 999, #dead)))
+  end
+  rcall('HSET', mk, 'sw', sw)
+end
+
 if ncomp + nfail > 0 then
   local minute = math.floor(now / 60000)
-  if ncomp > 0 and rcall('HINCRBY', mk, 'c:' .. minute, ncomp) == ncomp then
-    rcall('HDEL', mk, 'c:' .. (minute - 10080))
-  end
-  if nfail > 0 and rcall('HINCRBY', mk, 'f:' .. minute, nfail) == nfail then
-    rcall('HDEL', mk, 'f:' .. (minute - 10080))
-  end
+  -- all-time totals: Prometheus counters must not drop as minutes age out
+  if ncomp > 0 then rcall('HINCRBY', mk, 'ct', ncomp) end
+  if nfail > 0 then rcall('HINCRBY', mk, 'ft', nfail) end
+  local fresh = false
+  if ncomp > 0 and rcall('HINCRBY', mk, 'c:' .. minute, ncomp) == ncomp then fresh = true end
+  if nfail > 0 and rcall('HINCRBY', mk, 'f:' .. minute, nfail) == nfail then fresh = true end
+  if fresh then age_minutes(minute - 10080) end
   if rcall('ZCARD', ak) == 0 and rcall('ZCARD', B .. ':wait') == 0
       and (tonumber(rcall('GET', B .. ':gw')) or 0) <= 0 then
     emit(B, M, 'e', 'drained')
