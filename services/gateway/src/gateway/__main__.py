@@ -7,35 +7,17 @@ the environment: docs/configuration.md.
 
 from __future__ import annotations
 
-import asyncio
-import logging
-import signal
-import sys
+from chat_pipeline.service import Runner, run_service
 
-from chat_domain import ConfigError
-from chat_pipeline import PipelineSettings
+
+def _runner() -> Runner:
+    from gateway.app import serve
+
+    return serve
 
 
 def main() -> int:
-    try:
-        settings = PipelineSettings.from_env()
-    except ConfigError as exc:
-        print(f"gateway: configuration error: {exc}", file=sys.stderr)
-        return 2
-    logging.basicConfig(
-        level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    from gateway.app import serve
-
-    async def run() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        await serve(settings, stop)
-
-    asyncio.run(run())
-    return 0
+    return run_service("gateway", _runner)
 
 
 if __name__ == "__main__":
