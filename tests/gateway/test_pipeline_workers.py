@@ -314,3 +314,34 @@ async def test_ai_reply_stored_by_a_killed_run_is_sent_not_answered_again(
     assert fake_model.chat_requests == [], "no second model call"
     (out,) = await rt.pipeline.outgoing.list_jobs(JobState.WAITING)
     assert OutgoingMessage.model_validate(out.data).text == "stored before the crash"
+
+
+async def test_retention_runs_from_an_idempotent_daily_schedule(rt: Runtime) -> None:
+    from datetime import timedelta
+
+    from chat_domain import set_retention_days
+    from gateway.workers import RetentionProcessor, schedule_maintenance
+
+    t = await _tenant(rt)
+    async with rt.sessions() as s, s.begin():
+        await set_retention_days(s, t["tenant"], 7)
+        contact = await get_or_create_contact(
+            s, tenant_id=t["tenant"], channel_id=t["widget"], external_id="old-visitor"
+        )
+        conversation = await get_or_create_conversation(s, contact, chatbot_id=t["bot"])
+        await insert_message(
+            s,
+            conversation_id=conversation.id,
+            role="user",
+            text="ancient",
+            now=datetime.now(UTC) - timedelta(days=30),
+        )
+        await insert_message(s, conversation_id=conversation.id, role="user", text="recent")
+    result = await RetentionProcessor(rt)(_job(rt.pipeline.maintenance, {}))
+    assert result["messages"] >= 1
+    async with rt.sessions() as s:
+        assert [m.text for m in await recent_messages(s, conversation.id)] == ["recent"]
+    await schedule_maintenance(rt)
+    await schedule_maintenance(rt)  # every replica does this on startup
+    (pending,) = await rt.pipeline.maintenance.list_jobs(JobState.DELAYED)
+    assert pending.id.startswith("sch:retention:") and pending.name == "retention"

@@ -18,6 +18,7 @@ from queue_core.types import RedisClient
 __all__ = [
     "AI",
     "INCOMING",
+    "MAINTENANCE",
     "OUTGOING",
     "QUEUE_SETTINGS",
     "WEBHOOKS",
@@ -33,10 +34,11 @@ OUTGOING = "outgoing-messages"
 WHATSAPP_CLOUD = "whatsapp-cloud-send"
 WHATSAPP_QR = "whatsapp-qr-send"
 WEBHOOKS = "webhook-delivery"
+MAINTENANCE = "maintenance"
 
 QUEUE_SETTINGS: dict[str, QueueSettings] = {
     name: QueueSettings(group_concurrency=1, dead_letter_queue=f"{name}-dlq")
-    for name in (INCOMING, AI, OUTGOING, WHATSAPP_CLOUD, WHATSAPP_QR, WEBHOOKS)
+    for name in (INCOMING, AI, OUTGOING, WHATSAPP_CLOUD, WHATSAPP_QR, WEBHOOKS, MAINTENANCE)
 }
 
 # Finished jobs are evidence for operators, not data: keep a bounded window.
@@ -56,15 +58,12 @@ class Pipeline:
     outgoing: Queue
     whatsapp_cloud: Queue
     whatsapp_qr: Queue
+    maintenance: Queue
 
     @classmethod
     def open(cls, redis: RedisClient) -> Pipeline:
-        return cls(
-            *(
-                Queue(n, redis, default_options=_KEEP)
-                for n in (INCOMING, AI, OUTGOING, WHATSAPP_CLOUD, WHATSAPP_QR)
-            )
-        )
+        names = (INCOMING, AI, OUTGOING, WHATSAPP_CLOUD, WHATSAPP_QR, MAINTENANCE)
+        return cls(*(Queue(n, redis, default_options=_KEEP) for n in names))
 
     async def configure(self, *queues: Queue) -> None:
         """Owners call this on startup for the queues they consume."""

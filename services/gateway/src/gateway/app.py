@@ -18,7 +18,7 @@ from gateway import widget
 from gateway.errors import ApiError, error_middleware
 from gateway.keys import hub_key, runtime_key
 from gateway.live_hub import LiveHub
-from gateway.workers import start_workers
+from gateway.workers import schedule_maintenance, start_workers
 from queue_core import Queue, Worker
 
 __all__ = ["create_app", "settings_key"]
@@ -49,7 +49,9 @@ async def workers_ctx(app: web.Application) -> AsyncIterator[None]:
     rt = app[runtime_key]
     workers: list[Worker] = []
     if app[settings_key].gateway_role in ("all", "workers"):
-        await rt.pipeline.configure(rt.pipeline.incoming, rt.pipeline.outgoing)
+        p = rt.pipeline
+        await p.configure(p.incoming, p.outgoing, p.maintenance)
+        await schedule_maintenance(rt)
         workers = start_workers(rt)
     app[workers_key] = workers
     yield

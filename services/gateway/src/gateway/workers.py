@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import asdict
+from datetime import UTC, datetime
 
 from chat_domain import (
     check_inbound_allowed,
@@ -12,12 +14,13 @@ from chat_domain import (
     get_or_create_conversation,
     get_queue_priority,
     insert_message,
+    purge_expired,
     update_delivery_status,
 )
 from chat_domain.payloads import AIRequest, IncomingMessage, OutgoingMessage
 from chat_pipeline import Runtime
 from chat_pipeline.live import message_frame, publish, visitor_channel
-from queue_core import Job, UnrecoverableError, Worker
+from queue_core import Job, Schedule, UnrecoverableError, Worker
 
 __all__ = ["IncomingProcessor", "OutgoingProcessor", "start_workers"]
 
@@ -158,6 +161,26 @@ class OutgoingProcessor:
         return "routed"
 
 
+class RetentionProcessor:
+    """The daily retention run (a job scheduler on the maintenance queue triggers it)."""
+
+    def __init__(self, rt: Runtime) -> None:
+        self.rt = rt
+
+    async def __call__(self, job: Job) -> dict[str, int]:
+        async with self.rt.sessions() as session:
+            result = await purge_expired(session, datetime.now(UTC))
+        log.info("retention: %s", result)
+        return {k: int(v) for k, v in asdict(result).items()}
+
+
+async def schedule_maintenance(rt: Runtime) -> None:
+    """Idempotent: every gateway replica upserts the same schedule on startup."""
+    await rt.pipeline.maintenance.upsert_scheduler(
+        "retention", Schedule(cron="30 3 * * *", tz="UTC"), "retention"
+    )
+
+
 def start_workers(rt: Runtime) -> list[Worker]:
     s = rt.settings
     workers = [
@@ -174,6 +197,14 @@ def start_workers(rt: Runtime) -> list[Worker]:
             stalled_interval=s.stalled_interval_ms,
         ),
     ]
+    workers.append(
+        Worker(
+            rt.pipeline.maintenance,
+            RetentionProcessor(rt),
+            concurrency=1,
+            stalled_interval=s.stalled_interval_ms,
+        )
+    )
     for worker in workers:
         worker.start()
     return workers
