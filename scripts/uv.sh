@@ -5,6 +5,9 @@ set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 UV_VERSION="0.13.9"
 export UV_PYTHON_DOWNLOADS="${UV_PYTHON_DOWNLOADS:-never}"  # use the machine's Python; no downloads
+# Trust the operating system's certificate store (public roots, plus a company's TLS-inspecting
+# CA where there is one) instead of only uv's bundled Mozilla roots.
+export UV_SYSTEM_CERTS="${UV_SYSTEM_CERTS:-1}"
 if command -v uv >/dev/null 2>&1; then
   exec uv "$@"
 fi
