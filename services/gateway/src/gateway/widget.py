@@ -124,17 +124,19 @@ def _check_signature(target: WidgetTarget, visitor_id: str, signature: object) -
         raise ApiError(403, "invalid_signature", "visitor signature is invalid", "signature")
 
 
-async def _rate_limit(rt: Runtime, key: str, limit: tuple[int, int], field: str) -> None:
-    """Fixed-window request limit shared by all replicas (one round trip)."""
-    count, window = limit
-    bucket = int(time.time() * 1000) // window
-    redis_key = f"gw:rl:{key}:{bucket}"
+async def _rate_limits(rt: Runtime, checks: list[tuple[str, tuple[int, int], str]]) -> None:
+    """Fixed-window request limits shared by all replicas, all checked in one round trip.
+    `checks` holds (key, (count, window ms), field named in the 429)."""
+    now_ms = int(time.time() * 1000)
     pipe = rt.redis.pipeline(transaction=False)
-    pipe.incr(redis_key)
-    pipe.pexpire(redis_key, window)
-    used, _ = await pipe.execute()
-    if int(used) > count:
-        raise ApiError(429, "rate_limited", "too many messages, slow down", field)
+    for key, (_, window), _field in checks:
+        redis_key = f"gw:rl:{key}:{now_ms // window}"
+        pipe.incr(redis_key)
+        pipe.pexpire(redis_key, window)
+    replies = await pipe.execute()
+    for i, (_key, (count, _), field) in enumerate(checks):
+        if int(replies[2 * i]) > count:
+            raise ApiError(429, "rate_limited", "too many messages, slow down", field)
 
 
 async def _target(request: web.Request) -> tuple[Runtime, WidgetTarget]:
@@ -168,10 +170,13 @@ async def post_message(request: web.Request) -> web.Response:
             400, "invalid", "client_message_id is required (1-200 characters)", "client_message_id"
         )
     _check_signature(target, visitor_id, body.get("signature"))
-    await _rate_limit(
-        rt, f"v:{target.chatbot_id}:{visitor_id}", rt.settings.visitor_rate, "visitor_id"
+    await _rate_limits(
+        rt,
+        [
+            (f"v:{target.chatbot_id}:{visitor_id}", rt.settings.visitor_rate, "visitor_id"),
+            (f"ip:{request.remote}", rt.settings.ip_rate, "ip"),
+        ],
     )
-    await _rate_limit(rt, f"ip:{request.remote}", rt.settings.ip_rate, "ip")
 
     # Stored at once (so the answer carries its ids and a reload shows it); the rest of the
     # work (quota, usage, the AI job) happens in the incoming-messages worker.
