@@ -26,15 +26,15 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-import asyncpg
 from alembic import command
 from alembic.config import Config
 from sqlalchemy import bindparam, text
 from sqlalchemy.dialects.postgresql.base import PGDialect
 from sqlalchemy.dialects.sqlite.base import SQLiteDialect
-from sqlalchemy.engine import Connection, make_url
+from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from _pg import temporary_database
 from chat_domain import (
     UsageRecord,
     create_engine,
@@ -228,19 +228,8 @@ async def run(url: str, args: argparse.Namespace) -> dict[str, Any]:
 
 async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     if args.postgres:
-        server = make_url(args.postgres).set(drivername="postgresql")
-        name = f"usage_bench_{uuid.uuid4().hex[:8]}"
-        dsn = server.render_as_string(hide_password=False)
-        admin = await asyncpg.connect(dsn, timeout=5)
-        try:
-            await admin.execute(f'CREATE DATABASE "{name}"')
-            try:
-                url = server.set(drivername="postgresql+asyncpg", database=name)
-                return await run(url.render_as_string(hide_password=False), args)
-            finally:
-                await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        finally:
-            await admin.close()
+        async with temporary_database(args.postgres, "usage_bench") as url:
+            return await run(url, args)
     with tempfile.TemporaryDirectory(prefix="usage-bench-") as tmp:
         return await run(f"sqlite+aiosqlite:///{Path(tmp) / 'bench.db'}", args)
 

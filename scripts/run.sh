@@ -5,5 +5,8 @@
 # (GATEWAY_HOST/GATEWAY_PORT). Ctrl-C stops everything.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-scripts/uv.sh sync --locked --all-packages --quiet
+# compiled bytecode: each service starts in ~3 s of CPU instead of ~7 s where
+# PYTHONDONTWRITEBYTECODE is set
+scripts/uv.sh sync --locked --all-packages --quiet --compile-bytecode
+.venv/bin/python -m compileall -q packages services migrations >/dev/null
 exec .venv/bin/python -m devstack.platform "$@"

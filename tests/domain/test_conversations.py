@@ -11,6 +11,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from chat_domain import (
     ContactView,
     ConversationView,
+    create_engine,
+    create_session_factory,
     get_message,
     get_or_create_contact,
     get_or_create_conversation,
@@ -320,11 +322,16 @@ async def test_late_delivered_waits_for_read_and_loses(
         if statement.lstrip().upper().startswith("UPDATE MESSAGES"):
             status_updates.append(statement)
 
+    # the contender is another process's engine (a SQLite engine has one connection per process)
+    other = create_engine(engine.url.render_as_string(hide_password=False))
+    other_sessions = create_session_factory(other)
+
     async def late_delivered() -> bool:
-        async with session_factory() as session, session.begin():
+        async with other_sessions() as session, session.begin():
             return await update_delivery_status(session, mid, "delivered")
 
     event.listen(engine.sync_engine, "before_cursor_execute", count_updates)
+    event.listen(other.sync_engine, "before_cursor_execute", count_updates)
     try:
         async with session_factory() as writer:
             async with writer.begin():
@@ -347,6 +354,7 @@ async def test_late_delivered_waits_for_read_and_loses(
             assert await contender is False
     finally:
         event.remove(engine.sync_engine, "before_cursor_execute", count_updates)
+        await other.dispose()
     async with session_factory() as session:
         final = await get_message(session, mid)
     assert final is not None

@@ -16,7 +16,8 @@ def create_engine(settings: Settings | str, **engine_kwargs: Any) -> AsyncEngine
     """An async engine for ``settings.database_url`` (or a URL string).
 
     SQLite gets WAL journaling, ``foreign_keys=ON`` and a busy timeout on every new connection,
-    and the folder of its database file is created. Call ``await engine.dispose()`` on shutdown.
+    one connection per process (see below), and the folder of its database file is created.
+    Call ``await engine.dispose()`` on shutdown.
     """
     if isinstance(settings, str):
         settings = Settings(database_url=normalise_database_url(settings))
@@ -25,6 +26,13 @@ def create_engine(settings: Settings | str, **engine_kwargs: Any) -> AsyncEngine
         db_file = sqlite_path(url)
         if db_file is not None:
             db_file.parent.mkdir(parents=True, exist_ok=True)
+            # SQLite has one writer at a time; connections of one process that contend for it
+            # wait in its busy handler, which sleeps up to 100 ms per try, so under load
+            # latency exploded and writers gave up ("database is locked"). One connection per
+            # process makes the process's sessions queue in the pool (FIFO, no sleeping) and
+            # leaves only the other processes to contend with.
+            engine_kwargs.setdefault("pool_size", 1)
+            engine_kwargs.setdefault("max_overflow", 0)
         engine = _create_async_engine(url, echo=settings.echo_sql, **engine_kwargs)
         _install_sqlite_pragmas(engine, settings.sqlite_busy_timeout_ms, wal=db_file is not None)
         return engine

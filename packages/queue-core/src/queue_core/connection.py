@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 from urllib.parse import urlsplit
 
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 
 from queue_core.types import RedisClient
@@ -18,6 +18,9 @@ def connect(url: str, *, cluster: bool | None = None, **kwargs: Any) -> RedisCli
 
     `redis+cluster://host:port[,host:port...]` (or `cluster=True`) gives a `RedisCluster`.
     The socket timeout bounds ordinary commands only: blocking reads carry their own deadline.
+    A burst of concurrent commands beyond ``max_connections`` (default 200) waits up to
+    ``pool_timeout`` seconds for a free connection instead of failing at once, as redis-py's
+    default pool would ("Too many connections" under load).
     """
     options: dict[str, Any] = {
         "decode_responses": False,
@@ -36,7 +39,12 @@ def connect(url: str, *, cluster: bool | None = None, **kwargs: Any) -> RedisCli
             nodes.append(ClusterNode(host or "127.0.0.1", int(port or 6379)))
         options.pop("health_check_interval", None)
         return RedisCluster(startup_nodes=nodes, **options)
-    return Redis.from_url(url, **options)
+    max_connections = options.pop("max_connections", 200)
+    pool_timeout = options.pop("pool_timeout", 20.0)
+    pool = BlockingConnectionPool.from_url(
+        url, max_connections=max_connections, timeout=pool_timeout, **options
+    )
+    return Redis.from_pool(pool)
 
 
 def is_cluster(client: RedisClient) -> bool:

@@ -25,6 +25,7 @@ from chat_domain import (
     ChatbotView,
     ChunkHit,
     MessageView,
+    QueuePriority,
     get_channel,
     get_chatbot,
     get_chatbot_secrets,
@@ -38,6 +39,7 @@ from chat_domain import (
     update_delivery_status,
 )
 from chat_domain.payloads import AIRequest, OutgoingMessage
+from chat_domain.types import ChannelKind
 from chat_pipeline import PipelineSettings, Runtime
 from chat_pipeline.live import publish, status_frame, typing_frame, visitor_channel
 from queue_core import Job, Worker
@@ -57,8 +59,10 @@ class _Context:
     pending: list[MessageView]  # the user's messages this answer replies to
     knowledge: list[ChunkHit]
     channel_id: uuid.UUID
-    channel_kind: str
+    channel_kind: ChannelKind
     recipient: str
+    plan: QueuePriority
+    routable: bool  # the channel and contact still exist
 
 
 def llm_backoff(base_ms: int, cap_ms: int = 60_000) -> Callable[[int, BaseException, Job], int]:
@@ -140,6 +144,7 @@ class AnswerProcessor:
             contact = await get_contact(session, conversation.contact_id)
             channel = await get_channel(session, conversation.channel_id)
             secrets = await get_chatbot_secrets(session, self.rt.box, chatbot.id)
+            plan = await get_queue_priority(session, req.tenant_id)
         api_key = secrets.provider_api_key or (
             self.settings.llm_api_key if not chatbot.provider_base_url else ""
         )
@@ -163,6 +168,8 @@ class AnswerProcessor:
             channel_id=conversation.channel_id,
             channel_kind=channel.kind if channel else "widget",
             recipient=contact.external_id if contact else "",
+            plan=plan,
+            routable=channel is not None and contact is not None,
         )
 
     async def _answer(self, job: Job, ctx: _Context) -> Completion | None:
@@ -219,7 +226,11 @@ class AnswerProcessor:
             )
             for message in ctx.pending:
                 await update_delivery_status(session, message.id, "read")
-            await self._send(req, result.message, session)
+            # the route was read with the context: the write transaction stays short
+            if ctx.routable:
+                await self._enqueue_outgoing(
+                    req, result.message, ctx.channel_id, ctx.channel_kind, ctx.recipient, ctx.plan
+                )
         if completion is not None and completion.model != "offline":
             rt.usage.record(
                 req.tenant_id,
@@ -247,14 +258,27 @@ class AnswerProcessor:
         plan = await get_queue_priority(session, req.tenant_id)
         if channel is None or contact is None:
             return
+        await self._enqueue_outgoing(
+            req, message, channel.id, channel.kind, contact.external_id, plan
+        )
+
+    async def _enqueue_outgoing(
+        self,
+        req: AIRequest,
+        message: MessageView,
+        channel_id: uuid.UUID,
+        channel_kind: ChannelKind,
+        recipient: str,
+        plan: QueuePriority,
+    ) -> None:
         await self.rt.pipeline.enqueue_outgoing(
             OutgoingMessage(
                 tenant_id=req.tenant_id,
                 conversation_id=req.conversation_id,
                 message_id=message.id,
-                channel_id=channel.id,
-                channel_kind=channel.kind,
-                recipient_external_id=contact.external_id,
+                channel_id=channel_id,
+                channel_kind=channel_kind,
+                recipient_external_id=recipient,
                 text=message.text,
             ),
             plan,

@@ -1,0 +1,20 @@
+"""`connect()`: what a service gets when it talks to Redis under load."""
+
+from __future__ import annotations
+
+import asyncio
+
+from queue_core import connect
+
+
+async def test_a_burst_beyond_the_pool_waits_for_a_connection(redis_url: str) -> None:
+    # redis-py's default pool raises "Too many connections" at its limit; a gateway under a
+    # burst of requests must queue for a connection instead of answering 500
+    client = connect(redis_url, max_connections=2, pool_timeout=10)
+    try:
+        async with asyncio.timeout(10):
+            replies = await asyncio.gather(*(client.ping() for _ in range(50)))
+        assert replies == [True] * 50
+        assert len(client.connection_pool._in_use_connections) == 0
+    finally:
+        await client.aclose()
