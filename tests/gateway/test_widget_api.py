@@ -130,6 +130,67 @@ async def test_a_post_is_stored_and_enqueued_once(
     assert page["cursor"] == 1 and page["conversation_id"] == a["conversation_id"]
 
 
+async def test_a_retried_post_queues_a_message_whose_first_try_was_not_queued(
+    client: Client, bots: Bots, gateway_redis: RedisServer
+) -> None:
+    """The first try stored the message, then lost Redis before queueing it (the client saw a
+    5xx and retries with the same client_message_id): the retry must queue it, or it is never
+    answered."""
+    body = _body(visitor_id="retrier", client_message_id="r-1")
+    redis = connect(gateway_redis.url)
+    incoming = Queue("incoming-messages", redis)
+    try:
+        first = await client.post(f"/v1/widget/{bots.plain}/messages", json=body)
+        assert first.status == 202
+        ids = await incoming.list_job_ids("waiting", 0, 10_000)
+        [job_id] = [i for i in ids if i.endswith(":retrier:r-1")]
+        assert await incoming.remove(job_id)  # as if the first add never happened
+
+        retry = await client.post(f"/v1/widget/{bots.plain}/messages", json=body)
+        assert retry.status == 202 and (await retry.json()) == (await first.json())
+        assert await incoming.get_state(job_id) == "waiting"
+        # while that job exists, further retries add nothing
+        again = await client.post(f"/v1/widget/{bots.plain}/messages", json=body)
+        assert again.status == 202
+        ids = await incoming.list_job_ids("waiting", 0, 10_000)
+        assert [i for i in ids if i.endswith(":retrier:r-1")] == [job_id]
+    finally:
+        await redis.aclose()
+
+
+async def test_an_overloaded_gateway_refuses_at_once_and_stores_nothing(
+    gateway_redis: RedisServer, gateway_db: str, secret_key: str, bots: Bots
+) -> None:
+    import asyncio
+
+    from aiohttp.test_utils import TestServer
+
+    from gateway.app import create_app
+
+    from .conftest import settings_for
+
+    settings = settings_for(
+        gateway_redis.url, gateway_db, secret_key, max_pending_posts=1, visitor_rate=(100, 60_000)
+    )
+    async with TestClient(TestServer(create_app(settings))) as test_client:
+        before = await _stored(gateway_db, gateway_redis.url)
+
+        async def post(i: int) -> tuple[int, Any, str | None]:
+            body = _body(visitor_id="crowd", client_message_id=f"crowd-{i}")
+            r = await test_client.post(f"/v1/widget/{bots.plain}/messages", json=body)
+            return r.status, await r.json(), r.headers.get("Retry-After")
+
+        results = await asyncio.gather(*(post(i) for i in range(20)))
+        accepted = [r for r in results if r[0] == 202]
+        refused = [r for r in results if r[0] != 202]
+        assert accepted and refused, [r[0] for r in results]
+        for status, body, retry_after in refused:
+            assert status == 503 and body["error"]["code"] == "overloaded" and retry_after == "1"
+        after = await _stored(gateway_db, gateway_redis.url)
+        assert after[0] - before[0] == len(accepted), "a refused message was stored"
+        assert after[2] - before[2] == len(accepted)
+
+
 async def test_get_messages_validation_and_unknown_visitor(
     client: Client, bots: Bots, gateway_db: str, gateway_redis: RedisServer
 ) -> None:

@@ -72,6 +72,7 @@ class PipelineSettings:
     gateway_role: str = "all"
     visitor_rate: tuple[int, int] = (30, 60_000)
     ip_rate: tuple[int, int] = (120, 60_000)
+    max_pending_posts: int = 100
     log_level: str = "INFO"
 
     @property
@@ -110,5 +111,6 @@ class PipelineSettings:
             gateway_role=role,
             visitor_rate=(_int(env, "WIDGET_VISITOR_RATE", 30, 1), 60_000),
             ip_rate=(_int(env, "WIDGET_IP_RATE", 120, 1), 60_000),
+            max_pending_posts=_int(env, "WIDGET_MAX_PENDING_POSTS", 100, 1),
             log_level=(env.get("LOG_LEVEL") or "INFO").upper(),
         )

@@ -131,6 +131,7 @@ def create_app(settings: PipelineSettings) -> web.Application:
     )
     app[settings_key] = settings
     app[widget.cache_key] = widget.WidgetConfigCache()
+    app[widget.pending_key] = widget.PendingPosts()
     app.cleanup_ctx.extend([runtime_ctx, hub_ctx, workers_ctx])
     app.add_routes(widget.routes())
     app.add_routes(

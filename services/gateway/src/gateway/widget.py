@@ -149,7 +149,34 @@ async def _target(request: web.Request) -> tuple[Runtime, WidgetTarget]:
 # -- handlers -----------------------------------------------------------------------------------
 
 
+class PendingPosts:
+    """How many message POSTs this process is working on. Beyond the limit a POST is refused
+    at once with 503 + Retry-After, before anything is stored: an overloaded gateway answers
+    in milliseconds instead of queueing requests until they time out (and the database pool's
+    30 s wait turns them into 500s)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+
 async def post_message(request: web.Request) -> web.Response:
+    pending = request.app[pending_key]
+    limit = request.app[runtime_key].settings.max_pending_posts
+    if pending.count >= limit:
+        raise ApiError(
+            503,
+            "overloaded",
+            "too many messages at once; retry shortly",
+            headers={"Retry-After": "1"},
+        )
+    pending.count += 1
+    try:
+        return await _post_message(request)
+    finally:
+        pending.count -= 1
+
+
+async def _post_message(request: web.Request) -> web.Response:
     rt, target = await _target(request)
     try:
         body = orjson.loads(await request.read())
@@ -200,7 +227,10 @@ async def post_message(request: web.Request) -> web.Response:
         )
         plan = await get_queue_priority(session, target.tenant_id)
     message = result.message
-    if not result.duplicate:
+    # A retry of a POST whose first try stored the message but failed before queueing it
+    # (Redis lost, the client saw a 5xx) must still queue it; while the first job exists the
+    # add is a no-op by its job id. Once answered, the message is no longer "received".
+    if not result.duplicate or message.status == "received":
         incoming = IncomingMessage(
             tenant_id=target.tenant_id,
             chatbot_id=target.chatbot_id,
@@ -214,6 +244,7 @@ async def post_message(request: web.Request) -> web.Response:
             conversation_id=message.conversation_id,
         )
         await rt.pipeline.enqueue_incoming(incoming, plan)
+    if not result.duplicate:
         # other tabs of this visitor show it too
         await publish(
             rt.redis, visitor_channel(target.channel_id, visitor_id), message_frame(message)
@@ -325,6 +356,7 @@ async def cors_middleware(request: web.Request, handler: Any) -> web.StreamRespo
 
 
 cache_key = web.AppKey("widget_cache", WidgetConfigCache)
+pending_key = web.AppKey("pending_posts", PendingPosts)
 
 
 def routes() -> list[web.RouteDef]:
