@@ -17,6 +17,7 @@ from chat_domain import (
     get_or_create_contact,
     get_or_create_conversation,
     insert_message,
+    mark_delivered_for_visitor,
     messages_since,
     recent_messages,
     set_conversation_status,
@@ -396,3 +397,43 @@ async def test_concurrent_inserts_get_distinct_increasing_seqs(
 
     seqs = await asyncio.gather(*(add(i) for i in range(10)))
     assert sorted(seqs) == list(range(1, 11))
+
+
+async def test_a_visitor_marks_only_its_own_bot_messages_delivered(
+    session_factory: async_sessionmaker[AsyncSession], world: World
+) -> None:
+    _, mine = await _contact_and_conversation(session_factory, world, external_id="visitor-a")
+    _, theirs = await _contact_and_conversation(session_factory, world, external_id="visitor-b")
+    async with session_factory() as session, session.begin():
+        ids = {}
+        for key, conversation, role in [
+            ("reply", mine, "assistant"),
+            ("own-text", mine, "user"),
+            ("other", theirs, "assistant"),
+        ]:
+            ids[key] = (
+                await insert_message(session, conversation_id=conversation.id, role=role, text=key)
+            ).message.id
+
+    async def ack(message_id: uuid.UUID, visitor: str = "visitor-a") -> bool:
+        async with session_factory() as session, session.begin():
+            return await mark_delivered_for_visitor(
+                session, message_id, channel_id=world.channel.id, external_id=visitor
+            )
+
+    assert not await ack(ids["other"]), "another visitor's message"
+    assert not await ack(ids["own-text"]), "the visitor's own text is not 'delivered' to them"
+    assert not await ack(ids["reply"], visitor="nobody")
+    assert not await ack(uuid.uuid4())
+    assert await ack(ids["reply"])
+    assert not await ack(ids["reply"]), "only forward: a second ack changes nothing"
+    async with session_factory() as session:
+        statuses = {k: (await get_message(session, v)).status for k, v in ids.items()}  # type: ignore[union-attr]
+    assert statuses == {"reply": "delivered", "own-text": "received", "other": "queued"}
+
+    async with session_factory() as session, session.begin():
+        await set_conversation_status(session, mine.id, "resolved")
+        newer = (
+            await insert_message(session, conversation_id=mine.id, role="assistant", text="late")
+        ).message.id
+    assert not await ack(newer), "a resolved conversation is not the visitor's active one"

@@ -391,6 +391,43 @@ async def update_delivery_status(
     )
 
 
+async def mark_delivered_for_visitor(
+    session: AsyncSession,
+    message_id: uuid.UUID,
+    *,
+    channel_id: uuid.UUID,
+    external_id: str,
+    now: datetime | None = None,
+) -> bool:
+    """The visitor ``external_id`` of ``channel_id`` has shown the message: ``delivered``, in one
+    UPDATE. Applies only to a bot or agent message of that visitor's active conversation (a
+    visitor can never mark someone else's messages) and only forward; True when it changed."""
+    visitors_conversation = (
+        select(Conversation.id)
+        .join(Contact, Contact.id == Conversation.contact_id)
+        .where(
+            Conversation.id == Message.conversation_id,
+            Conversation.status != "resolved",
+            Contact.channel_id == channel_id,
+            Contact.external_id == external_id,
+        )
+        .exists()
+    )
+    return await _advance_status(
+        session,
+        [
+            Message.id == message_id,
+            Message.channel_id == channel_id,
+            Message.role != "user",
+            visitors_conversation,
+        ],
+        "delivered",
+        error_code=None,
+        error_text=None,
+        now=now,
+    )
+
+
 async def update_delivery_status_by_external_id(
     session: AsyncSession,
     *,

@@ -23,13 +23,12 @@ from chat_domain import (
     find_contact,
     get_chatbot_by_widget_key,
     get_chatbot_secrets,
-    get_message,
     get_or_create_contact,
     get_or_create_conversation,
     get_queue_priority,
     insert_message,
+    mark_delivered_for_visitor,
     messages_since,
-    update_delivery_status,
     verify_visitor_signature,
 )
 from chat_domain.payloads import IncomingMessage
@@ -320,16 +319,9 @@ async def _ack(rt: Runtime, target: WidgetTarget, visitor_id: str, raw_id: objec
     except ValueError:
         return
     async with rt.sessions() as session, session.begin():
-        message = await get_message(session, message_id)
-        if message is None or message.channel_id != target.channel_id or message.role == "user":
-            return
-        contact = await find_contact(session, channel_id=target.channel_id, external_id=visitor_id)
-        conversation = (
-            None if contact is None else await find_active_conversation(session, contact.id)
+        changed = await mark_delivered_for_visitor(
+            session, message_id, channel_id=target.channel_id, external_id=visitor_id
         )
-        if conversation is None or conversation.id != message.conversation_id:
-            return
-        changed = await update_delivery_status(session, message_id, "delivered")
     if changed:
         await publish(
             rt.redis,
