@@ -312,6 +312,7 @@ class Bench:
         visitors = [f"cap-{self.run}-{i}" for i in range(visitors_n)]
         live = await self.open_sockets(visitors)
         texts: list[str] = []
+        statuses: Counter[int] = Counter()
         cpu_before = self.cpu()
         deadline = time.perf_counter() + seconds
 
@@ -323,18 +324,35 @@ class Bench:
                 texts.append(text)
                 live.sent[text] = time.perf_counter()
                 status, _ = await self.post(v, text)
+                statuses[status] += 1
                 if status != 202:
+                    texts.pop()  # not accepted: no reply owed
+                    await asyncio.sleep(1)  # as Retry-After asks
                     continue
                 await live.wait_for([text], timeout=60)
 
         start = time.perf_counter()
         await asyncio.gather(*(visitor(v) for v in visitors))
         elapsed = time.perf_counter() - start
+        missing = [t for t in texts if t not in live.replies]
+        for text in missing[:5]:
+            v = text.split(" ")[2]
+            async with self.session.get(
+                f"{self.api}/messages", params={"visitor_id": v, "after": "0"}
+            ) as response:
+                page = await response.json()
+            print(
+                "missing reply:",
+                text,
+                [(m["role"], m["text"][-12:], m["status"]) for m in page["messages"][-4:]],
+                file=sys.stderr,
+            )
         cpu = self.cpu_ms_per_message(cpu_before, len(texts))
         await live.close()
         return {
             "concurrent_visitors": visitors_n,
             "messages": len(texts),
+            "statuses": {str(k): v for k, v in sorted(statuses.items())},
             "answered_per_s": round(len(live.replies) / elapsed, 1),
             "reply": summary(live.latencies_ms(texts)),
             "cpu_ms_per_message": cpu,

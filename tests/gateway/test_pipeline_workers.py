@@ -294,6 +294,37 @@ async def test_ai_permanent_error_falls_back_at_once(
     assert result == "fallback" and len(fake_model.chat_requests) == 1
 
 
+async def test_ai_reply_is_committed_before_its_outgoing_job_exists(
+    rt: Runtime, fake_model: FakeOpenAIServer, gateway_redis: RedisServer
+) -> None:
+    """An outgoing job queued inside the reply's transaction could be taken by the outgoing
+    worker before the reply is visible to it (PostgreSQL) and be dropped as 'gone'."""
+    import redis as sync_redis
+    from sqlalchemy import event
+
+    _, request = await _ai_setup(rt, fake_model)
+    probe = sync_redis.Redis.from_url(gateway_redis.url)
+    queued_at_commit: list[int] = []
+
+    def on_commit(_conn: object) -> None:
+        # what the outgoing worker could already see while the reply is not committed
+        queued_at_commit.append(len(probe.keys("*outgoing-messages*:j:*")))
+
+    event.listen(rt.engine.sync_engine, "commit", on_commit)
+    processor = AnswerProcessor(rt)
+    try:
+        assert await processor(_job(rt.pipeline.ai, request.model_dump(mode="json"))) == (
+            "answered"
+        )
+    finally:
+        event.remove(rt.engine.sync_engine, "commit", on_commit)
+        await processor.close()
+        probe.close()
+    assert queued_at_commit and all(n == 0 for n in queued_at_commit), queued_at_commit
+    (out,) = await rt.pipeline.outgoing.list_jobs(JobState.WAITING)
+    assert OutgoingMessage.model_validate(out.data).text == "question?"
+
+
 async def test_ai_reply_stored_by_a_killed_run_is_sent_not_answered_again(
     rt: Runtime, fake_model: FakeOpenAIServer
 ) -> None:

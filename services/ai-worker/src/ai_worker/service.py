@@ -226,11 +226,14 @@ class AnswerProcessor:
             )
             for message in ctx.pending:
                 await update_delivery_status(session, message.id, "read")
-            # the route was read with the context: the write transaction stays short
-            if ctx.routable:
-                await self._enqueue_outgoing(
-                    req, result.message, ctx.channel_id, ctx.channel_kind, ctx.recipient, ctx.plan
-                )
+        # Only after the commit: a job queued inside the transaction could reach the outgoing
+        # worker before the reply is visible to it (PostgreSQL), which then found no message
+        # and dropped it. A crash between commit and queueing reruns this job, which finds
+        # the stored reply and hands it on (the "resent" path).
+        if ctx.routable:
+            await self._enqueue_outgoing(
+                req, result.message, ctx.channel_id, ctx.channel_kind, ctx.recipient, ctx.plan
+            )
         if completion is not None and completion.model != "offline":
             rt.usage.record(
                 req.tenant_id,
