@@ -309,7 +309,7 @@ async def insert_message(
             created_at=now,
         )
         .on_conflict_do_nothing(index_elements=["channel_id", "external_id"])
-        .returning(Message.id)
+        .returning(Message)  # the stored row in the same statement (no SELECT after it)
     )
     inserted = (await session.execute(stmt)).scalar_one_or_none()
     if inserted is None:
@@ -320,10 +320,7 @@ async def insert_message(
         if winner is None:
             raise NotFoundError("conflicting message vanished")  # deleted concurrently
         return InsertMessageResult("duplicate", MessageView.of(winner))
-    row = await session.get(Message, message_id)
-    if row is None:
-        raise NotFoundError(f"message {message_id} vanished after insert")
-    return InsertMessageResult("inserted", MessageView.of(row))
+    return InsertMessageResult("inserted", MessageView.of(inserted))
 
 
 async def get_message_by_external_id(
