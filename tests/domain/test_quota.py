@@ -9,7 +9,9 @@ from chat_domain import (
     NotFoundError,
     SecretBox,
     UsageRecord,
+    change_plan,
     check_inbound_allowed,
+    create_plan,
     set_tenant_status,
     write_usage,
 )
@@ -88,3 +90,16 @@ async def test_chatbot_must_belong_to_tenant(
             await check_inbound_allowed(
                 session, tenant_id=world.tenant.id, chatbot_id=other_world.chatbot.id
             )
+
+
+async def test_the_decision_carries_the_priority_of_the_current_plan(
+    session_factory: async_sessionmaker[AsyncSession], box: SecretBox
+) -> None:
+    world = await make_world(session_factory, box, price_cents=2900)
+    decision = await _check(session_factory, world)
+    assert (decision.priority.priority, decision.priority.weight) == (5, 1)
+    async with session_factory() as session, session.begin():
+        pro = await create_plan(session, name="Pro-q", monthly_price_cents=12900)
+        await change_plan(session, world.tenant.id, pro.id)
+    decision = await _check(session_factory, world)
+    assert (decision.priority.priority, decision.priority.weight) == (1, 4)

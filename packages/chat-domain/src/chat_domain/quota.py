@@ -12,6 +12,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from chat_domain.errors import NotFoundError
 from chat_domain.models import Chatbot, Plan, Tenant, utcnow
+from chat_domain.plans import QueuePriority, priority_for_price
 from chat_domain.usage import monthly_totals, period_of
 
 QuotaReason = Literal["ok", "tenant_suspended", "messages_limit", "ai_tokens_limit"]
@@ -29,6 +30,7 @@ class QuotaDecision:
     messages_limit: int | None
     ai_tokens_used: int
     ai_tokens_limit: int | None
+    priority: QueuePriority  # for the jobs this message causes, from the tenant's current plan
 
 
 async def check_inbound_allowed(
@@ -53,6 +55,7 @@ async def check_inbound_allowed(
                 Plan.messages_per_month,
                 Plan.ai_tokens_per_month,
                 Chatbot.limit_reply,
+                Plan.monthly_price_cents,
             )
             .join(Plan, Plan.id == Tenant.plan_id)
             .join(Chatbot, Chatbot.tenant_id == Tenant.id)
@@ -61,7 +64,7 @@ async def check_inbound_allowed(
     ).one_or_none()
     if row is None:
         raise NotFoundError(f"chatbot {chatbot_id} of tenant {tenant_id} does not exist")
-    status, messages_limit, tokens_limit, limit_reply = row
+    status, messages_limit, tokens_limit, limit_reply, price_cents = row
     period = period_of(now or utcnow())
     totals = await monthly_totals(session, tenant_id, period // 100, period % 100)
     messages_used = totals.get("message_in", 0)
@@ -83,4 +86,5 @@ async def check_inbound_allowed(
         messages_limit=messages_limit,
         ai_tokens_used=tokens_used,
         ai_tokens_limit=tokens_limit,
+        priority=priority_for_price(price_cents),
     )

@@ -75,7 +75,7 @@ class IncomingProcessor:
             quota = await check_inbound_allowed(
                 session, tenant_id=msg.tenant_id, chatbot_id=msg.chatbot_id
             )
-            plan = await get_queue_priority(session, msg.tenant_id)
+            plan = quota.priority
             if not quota.allowed:
                 stored_reply = await insert_message(
                     session,
