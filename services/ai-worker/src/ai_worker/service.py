@@ -22,8 +22,11 @@ from ai_worker.llm import (
 from ai_worker.offline import OfflineResponder
 from ai_worker.prompt import build_messages
 from chat_domain import (
+    ChannelView,
+    ChatbotSecrets,
     ChatbotView,
     ChunkHit,
+    ContactView,
     MessageView,
     QueuePriority,
     get_channel,
@@ -41,6 +44,7 @@ from chat_domain import (
 from chat_domain.payloads import AIRequest, OutgoingMessage
 from chat_domain.types import ChannelKind
 from chat_pipeline import PipelineSettings, Runtime
+from chat_pipeline.cache import TTLCache
 from chat_pipeline.live import publish, status_frame, typing_frame, visitor_channel
 from queue_core import Job, Worker
 
@@ -84,6 +88,11 @@ class AnswerProcessor:
         self.settings: PipelineSettings = rt.settings
         self.clients = LLMClientCache()
         self.offline = OfflineResponder()
+        # configuration read for every answer, cached briefly (changes apply within seconds)
+        self._bots: TTLCache[uuid.UUID, tuple[ChatbotView, ChatbotSecrets] | None] = TTLCache()
+        self._routes: TTLCache[
+            tuple[uuid.UUID, uuid.UUID], tuple[ChannelView | None, ContactView | None]
+        ] = TTLCache()
 
     async def close(self) -> None:
         await self.clients.aclose()
@@ -119,9 +128,17 @@ class AnswerProcessor:
                 # killed): hand it on, idempotently, instead of answering twice.
                 await self._send(req, existing, session)
                 return "resent"
-            chatbot = await get_chatbot(session, req.chatbot_id)
-            if chatbot is None:
+
+            async def load_bot() -> tuple[ChatbotView, ChatbotSecrets] | None:
+                bot = await get_chatbot(session, req.chatbot_id)
+                if bot is None:
+                    return None
+                return bot, await get_chatbot_secrets(session, self.rt.box, bot.id)
+
+            loaded = await self._bots.get(req.chatbot_id, load_bot)
+            if loaded is None:
                 return "no-chatbot"
+            chatbot, secrets = loaded
             recent = await recent_messages(
                 session, conversation.id, limit=self.settings.history_messages
             )
@@ -141,9 +158,17 @@ class AnswerProcessor:
                 knowledge = await search_chunks(
                     session, chatbot.id, question, self.settings.kb_passages
                 )
-            contact = await get_contact(session, conversation.contact_id)
-            channel = await get_channel(session, conversation.channel_id)
-            secrets = await get_chatbot_secrets(session, self.rt.box, chatbot.id)
+            conv = conversation
+
+            async def load_route() -> tuple[ChannelView | None, ContactView | None]:
+                return (
+                    await get_channel(session, conv.channel_id),
+                    await get_contact(session, conv.contact_id),
+                )
+
+            channel, contact = await self._routes.get(
+                (conversation.channel_id, conversation.contact_id), load_route
+            )
             plan = await get_queue_priority(session, req.tenant_id)
         api_key = secrets.provider_api_key or (
             self.settings.llm_api_key if not chatbot.provider_base_url else ""

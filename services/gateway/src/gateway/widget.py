@@ -33,6 +33,7 @@ from chat_domain import (
 )
 from chat_domain.payloads import IncomingMessage
 from chat_pipeline import Runtime
+from chat_pipeline.cache import CONFIG_TTL_S, TTLCache
 from chat_pipeline.live import message_frame, message_json, publish, status_frame, visitor_channel
 from gateway.errors import ApiError
 from gateway.keys import hub_key, runtime_key
@@ -58,20 +59,11 @@ class WidgetTarget:
 
 
 class WidgetConfigCache:
-    def __init__(self, ttl: float = 5.0) -> None:
-        self.ttl = ttl
-        self._entries: dict[str, tuple[float, WidgetTarget | None]] = {}
+    def __init__(self, ttl: float = CONFIG_TTL_S) -> None:
+        self._cache: TTLCache[str, WidgetTarget | None] = TTLCache(ttl)
 
     async def get(self, rt: Runtime, public_key: str) -> WidgetTarget:
-        now = time.monotonic()
-        hit = self._entries.get(public_key)
-        if hit is None or hit[0] < now:
-            target = await self._load(rt, public_key)
-            if len(self._entries) > 10_000:
-                self._entries.clear()
-            self._entries[public_key] = (now + self.ttl, target)
-        else:
-            target = hit[1]
+        target = await self._cache.get(public_key, lambda: self._load(rt, public_key))
         if target is None:
             raise ApiError(404, "unknown_key", "no widget with this public key", "public_key")
         return target
