@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Final, Literal
 from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 import openai
-from openai import AsyncOpenAI, Omit, omit
+from openai import AsyncOpenAI, Omit
 from openai.types.chat import ChatCompletion, ChatCompletionMessageParam
 
 from ai_worker.prompt import ChatMessage, estimate_prompt_tokens, estimate_tokens
@@ -382,17 +382,25 @@ class LLMClient:
     ) -> object:
         config = self._config
         where = f"{config.display_url} (model {config.model})"
-        limit_by_max_tokens = config.max_tokens_param == "max_tokens"
         try:
             async with asyncio.timeout(config.timeout_s):
-                raw: object = await connection.sdk.chat.completions.create(
-                    model=config.model,
-                    messages=params,
-                    temperature=config.temperature,
-                    max_tokens=config.max_tokens if limit_by_max_tokens else omit,
-                    max_completion_tokens=omit if limit_by_max_tokens else config.max_tokens,
-                    extra_headers=self._request_headers(connection),
-                    timeout=config.timeout_s,
+                # The SDK's documented low-level call with the body as the API defines it:
+                # `chat.completions.create` first runs a type-driven transform over its ~40
+                # parameters, which was a fifth of this worker's CPU per answer.
+                raw: object = await connection.sdk.post(
+                    "/chat/completions",
+                    cast_to=ChatCompletion,
+                    body={
+                        "model": config.model,
+                        "messages": params,
+                        "temperature": config.temperature,
+                        config.max_tokens_param: config.max_tokens,
+                    },
+                    options={
+                        "headers": self._request_headers(connection),
+                        "timeout": config.timeout_s,
+                        "security": {"bearer_auth": True},
+                    },
                 )
         except (TimeoutError, openai.APITimeoutError):
             raise RetryableLLMError(f"{where}: no response within {config.timeout_s:g}s") from None
