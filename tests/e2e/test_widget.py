@@ -311,6 +311,25 @@ async def test_failed_send_is_retried_with_the_same_client_id(
     assert [m.role for m in conv.messages] == ["user", "assistant"]  # answered once
 
 
+async def test_an_overloaded_gateway_is_retried_after_its_retry_after(
+    page: Page, stub_url: str, widget_stub: WidgetStub
+) -> None:
+    widget_stub.overload_next_posts = 2
+    await page.goto(f"{stub_url}/demo/{KEY}")
+    widget = Widget(page)
+    await widget.open()
+    await widget.send("Do you roast on Mondays?")
+    # no click: two 503s, each retried after Retry-After (1 s), then accepted and answered
+    await expect(widget.replies).to_have_text(["echo: Do you roast on Mondays?"], timeout=10_000)
+    await expect(widget.mine).to_have_count(1)
+    posts = widget_stub.recorded("post")
+    assert len(posts) == 3
+    assert posts[0].data == posts[1].data == posts[2].data  # the same client_message_id
+    conv = widget_stub.conversation(KEY, await widget.visitor_id())
+    assert conv is not None
+    assert [m.role for m in conv.messages] == ["user", "assistant"]
+
+
 async def test_signed_visitor_identity_is_passed_through(
     page: Page, shop_origin: str, stub_url: str, widget_stub: WidgetStub
 ) -> None:

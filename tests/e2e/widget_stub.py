@@ -11,6 +11,7 @@ implements the widget endpoints the way the real gateway must, with no Redis and
 - ``GET /v1/widget/{key}/ws`` pushes ``message`` / ``typing`` / ``status`` frames and takes acks.
 
 Every request is recorded, and tests steer it through a few hooks: ``fail_next_posts``,
+``overload_next_posts``,
 ``reply_gate``, ``drop_sockets``, ``add_message``, ``resolve``, ``page_limit``, ``pages``. Use
 ``serve_stub`` (or the ``widget_stub`` / ``stub_url`` fixtures) to run it on a free loopback port.
 """
@@ -93,13 +94,21 @@ class Record:
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, code: str, message: str, field: str | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        field: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         super().__init__(message)
         self.status, self.code, self.message, self.field = status, code, message, field
+        self.headers = headers
 
     def response(self) -> web.Response:
         error = {"code": self.code, "message": self.message, "field": self.field}
-        return web.json_response({"error": error}, status=self.status)
+        return web.json_response({"error": error}, status=self.status, headers=self.headers)
 
 
 class WidgetStub:
@@ -116,6 +125,7 @@ class WidgetStub:
         # False the widget must match its own messages by the message_id of the POST answer.
         self.echo_client_ids = echo_client_ids
         self.fail_next_posts = 0  # answer this many valid POSTs with 500, storing nothing
+        self.overload_next_posts = 0  # ... with 503 + Retry-After: 1, as the gateway when busy
         self.reply_gate: asyncio.Event | None = None  # when set, replies wait for it (typing on)
         self.page_limit = 100  # GET returns at most this many messages (like messages_since)
         self.pages: dict[str, str] = {}  # extra HTML served at /pages/{name} (host pages)
@@ -259,6 +269,9 @@ class WidgetStub:
         if self.fail_next_posts > 0:
             self.fail_next_posts -= 1
             raise ApiError(500, "internal", "injected failure (test hook)")
+        if self.overload_next_posts > 0:
+            self.overload_next_posts -= 1
+            raise ApiError(503, "overloaded", "busy (test hook)", headers={"Retry-After": "1"})
 
         # A retried POST is answered with the first one's message, and nothing new happens.
         current = self.conversations.get((key, visitor_id))

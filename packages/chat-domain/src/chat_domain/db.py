@@ -30,7 +30,9 @@ def create_engine(settings: Settings | str, **engine_kwargs: Any) -> AsyncEngine
             # wait in its busy handler, which sleeps up to 100 ms per try, so under load
             # latency exploded and writers gave up ("database is locked"). One connection per
             # process makes the process's sessions queue in the pool (FIFO, no sleeping) and
-            # leaves only the other processes to contend with.
+            # leaves only the other processes to contend with. So a task must not open a
+            # second session while it holds one: it would wait for itself until the pool's
+            # timeout (SQLAlchemy's "QueuePool limit of size 1 overflow 0 reached").
             engine_kwargs.setdefault("pool_size", 1)
             engine_kwargs.setdefault("max_overflow", 0)
         engine = _create_async_engine(url, echo=settings.echo_sql, **engine_kwargs)

@@ -33,6 +33,3 @@ class TTLCache(Generic[K, V]):
             self._entries.clear()  # crude but bounded; entries are cheap to reload
         self._entries[key] = (now + self.ttl, value)
         return value
-
-    def clear(self) -> None:
-        self._entries.clear()

@@ -158,17 +158,14 @@ class AnswerProcessor:
                 knowledge = await search_chunks(
                     session, chatbot.id, question, self.settings.kb_passages
                 )
-            conv = conversation
+            channel_id, contact_id = conversation.channel_id, conversation.contact_id
 
             async def load_route() -> tuple[ChannelView | None, ContactView | None]:
-                return (
-                    await get_channel(session, conv.channel_id),
-                    await get_contact(session, conv.contact_id),
+                return await get_channel(session, channel_id), await get_contact(
+                    session, contact_id
                 )
 
-            channel, contact = await self._routes.get(
-                (conversation.channel_id, conversation.contact_id), load_route
-            )
+            channel, contact = await self._routes.get((channel_id, contact_id), load_route)
             plan = await get_queue_priority(session, req.tenant_id)
         api_key = secrets.provider_api_key or (
             self.settings.llm_api_key if not chatbot.provider_base_url else ""

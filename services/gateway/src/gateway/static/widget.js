@@ -91,7 +91,12 @@
       const data = await res.json().catch(() => null);
       if (!res.ok) {
         const err = (data && data.error) || {};
-        throw new Error(err.message || `HTTP ${res.status}`);
+        const e = new Error(err.message || `HTTP ${res.status}`);
+        // an overloaded gateway (503) says when to come back; nothing was stored
+        if (res.status === 503) {
+          e.retryAfterMs = 1000 * (Number(res.headers.get("Retry-After")) || 1);
+        }
+        throw e;
       }
       return data || {};
     } finally {
@@ -345,7 +350,7 @@
   }
 
   // The same client_message_id on every attempt: the gateway answers a retried POST once.
-  async function post(m) {
+  async function post(m, overloadedTries = 0) {
     m.local = "sending";
     paint(m);
     try {
@@ -360,6 +365,10 @@
       m.local = null;
       advance(m, res.status || "received");
     } catch (e) {
+      if (e && e.retryAfterMs && overloadedTries < 3 && m.seq == null) {
+        setTimeout(() => post(m, overloadedTries + 1), e.retryAfterMs);
+        return; // still "sending"
+      }
       // If the server's copy already came back, the message was stored after all.
       if (m.seq == null) {
         m.local = "error";
