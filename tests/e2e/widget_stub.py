@@ -32,6 +32,7 @@ from typing import Any, Literal
 from aiohttp import WSMsgType, web
 
 from chat_domain import verify_visitor_signature
+from gateway.errors import ApiError  # the same error body as the real gateway
 
 STATIC_DIR = Path(__file__).resolve().parents[2] / "services/gateway/src/gateway/static"
 MAX_TEXT = 4000
@@ -91,24 +92,6 @@ class Record:
     kind: RecordKind
     key: str
     data: dict[str, Any]  # POST body, GET/WS query, or the ack frame
-
-
-class ApiError(Exception):
-    def __init__(
-        self,
-        status: int,
-        code: str,
-        message: str,
-        field: str | None = None,
-        headers: dict[str, str] | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.status, self.code, self.message, self.field = status, code, message, field
-        self.headers = headers
-
-    def response(self) -> web.Response:
-        error = {"code": self.code, "message": self.message, "field": self.field}
-        return web.json_response({"error": error}, status=self.status, headers=self.headers)
 
 
 class WidgetStub:
