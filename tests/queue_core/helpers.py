@@ -8,6 +8,8 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from queue_core import Queue
+from queue_core.scripts import scripts
+from queue_core.types import RedisClient
 
 PB = 2**32
 
@@ -119,3 +121,29 @@ class Collector:
     async def wait(self, n: int, timeout: float = 10.0) -> None:
         async with asyncio.timeout(timeout), self._cond:
             await self._cond.wait_for(lambda: len(self.seen) >= n)
+
+
+class Faults:
+    """Fault injection on a real client: calls of one script raise the queued errors first
+    (`pending`), or always while `always` is set. Used as a context manager."""
+
+    def __init__(self, redis: RedisClient, script: str) -> None:
+        self.sha = scripts()[script].sha
+        self.redis = redis
+        self.pending: list[BaseException] = []
+        self.always: BaseException | None = None
+        self.raised = 0
+        self._original = redis.evalsha
+
+    async def __call__(self, sha: str, *args: Any) -> Any:
+        if sha == self.sha and (self.pending or self.always is not None):
+            self.raised += 1
+            raise self.pending.pop(0) if self.pending else self.always  # type: ignore[misc]
+        return await self._original(sha, *args)
+
+    def __enter__(self) -> Faults:
+        self.redis.evalsha = self  # type: ignore[method-assign]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.redis.evalsha = self._original  # type: ignore[method-assign]

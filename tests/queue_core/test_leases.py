@@ -14,7 +14,7 @@ import pytest
 from queue_core import Job, JobFailedError, JobState, Queue, QueueEvents, Worker
 from queue_core.types import RedisClient
 
-from .helpers import Collector, check_consistency, wait_for
+from .helpers import Collector, Faults, check_consistency, wait_for
 
 WORKER_SCRIPT = Path(__file__).with_name("worker_process.py")
 
@@ -95,16 +95,19 @@ async def test_expired_lease_is_taken_over_and_the_slow_worker_is_told(
         return "fast"
 
     job = await q.add("x", None)
-    # renewal every 5 s never comes within the 0.6 s job, so the 200 ms lease expires
-    # (workers of one queue share stalled_interval: the first sweep sets the cluster-wide throttle)
-    slow_worker = Worker(q, slow, lock_duration=200, lock_renew_interval=5000, stalled_interval=50)
-    slow_worker.start()
-    await asyncio.wait_for(slow_started.wait(), 5)
-    # the slow worker's loop is blocked now; when it returns, it sends its stale result
-    rescuer = Worker(q, fast, lock_duration=2000, stalled_interval=50)
-    rescuer.start()
-    assert await q.wait_until_finished(job.id, 5) == "fast"
-    await wait_for(lambda: slow_worker.stats["lost"] >= 1)
+    # every renewal fails (Redis unreachable for it), so the 200 ms lease expires within the
+    # 0.6 s job (workers of one queue share stalled_interval: the first sweep sets the
+    # cluster-wide throttle)
+    with Faults(redis, "extend_locks") as faults:
+        faults.always = ConnectionError("renewal cannot reach Redis")
+        slow_worker = Worker(q, slow, lock_duration=200, stalled_interval=50)
+        slow_worker.start()
+        await asyncio.wait_for(slow_started.wait(), 5)
+        # when the slow job returns, its worker sends a stale result
+        rescuer = Worker(q, fast, lock_duration=2000, stalled_interval=50)
+        rescuer.start()
+        assert await q.wait_until_finished(job.id, 5) == "fast"
+        await wait_for(lambda: slow_worker.stats["lost"] >= 1)
     await asyncio.gather(slow_worker.close(5), rescuer.close(5))
     stored = await q.get_job(job.id)
     assert stored is not None
@@ -193,7 +196,7 @@ async def test_job_failing_by_stalls_beyond_max_stalled_count(
     sweeper = Worker(q, Collector(), lock_duration=100, stalled_interval=20, max_stalled_count=1)
     for _ in range(2):
         reply = await sweeper._finish_fetch([], {}, 1)
-        assert len(reply[1]) == 3
+        assert len(reply.jobs) == 1
         await asyncio.sleep(0.15)
         await redis.delete(q.keys.key("stall"))
         await sweeper.sweep_stalled()
@@ -211,8 +214,8 @@ async def test_exactly_one_stall_sweep_per_interval(redis: RedisClient, queue_na
     workers = [Worker(q, Collector(), stalled_interval=1000) for _ in range(5)]
     swept = 0
     for w in workers:
-        res = await w.queue._scripts["sweep_stalled"](w.redis, w._route, [w._base, 1000, 1, 1000])
-        swept += int(res[0])
+        res = await w.queue._store.sweep_stalled(1000, 1, 1000)
+        swept += int(res.swept)
     assert swept == 1
 
 
@@ -322,9 +325,9 @@ async def test_renewal_racing_our_own_ack_is_not_a_lost_lease(
     await q.add("x", None)
     worker = Worker(q, Collector())
     reply = await worker._finish_fetch([], {}, 1)
-    job_id, token = reply[1][0].decode(), reply[1][1].decode()
+    job_id, token = reply.jobs[0].job_id, reply.jobs[0].token
     await worker._finish_fetch([[job_id, token, "c", b"null", 1]], {}, 0)
-    lost = await q._scripts["extend_locks"](redis, q._route, [q._base, 1000, job_id, token])
+    lost = await q._store.extend_locks(1000, [job_id, token])
     assert lost == []
-    stolen = await q._scripts["extend_locks"](redis, q._route, [q._base, 1000, job_id, "other:1"])
-    assert stolen == [job_id.encode()]
+    stolen = await q._store.extend_locks(1000, [job_id, "other:1"])
+    assert stolen == [job_id]

@@ -16,7 +16,7 @@ from queue_core.types import RedisClient
 
 SCRIPT = textwrap.dedent(
     """
-    import asyncio, sys, uuid
+    import asyncio, sys, time, uuid
     from queue_core import Queue, Worker, connect
 
     async def scenario(url):
@@ -24,10 +24,10 @@ SCRIPT = textwrap.dedent(
         q = Queue("hang-" + uuid.uuid4().hex[:8], redis)
         job = await q.add("x", None)
         async def slow(j):
-            await asyncio.sleep(0.3)
+            time.sleep(0.3)  # blocks renewal: the lease expires, b may take the job over
         async def fast(j):
             return 1
-        a = Worker(q, slow, lock_duration=200, lock_renew_interval=5000); a.start()
+        a = Worker(q, slow, lock_duration=200); a.start()
         b = Worker(q, fast, stalled_interval=20); b.start()
         await q.wait_until_finished(job.id, 5)
         await redis.aclose()   # the client goes away under running workers; nobody closes them

@@ -7,6 +7,8 @@
 
 from __future__ import annotations
 
+from queue_core.limits import MAX_DELAY_MS, checked_delay
+
 __all__ = [
     "DelayJob",
     "GroupFullError",
@@ -84,6 +86,15 @@ class WorkerStateError(QueueError, RuntimeError):
     """A worker was used in the wrong lifecycle state (e.g. started twice)."""
 
 
+def _control_delay(value: object) -> int:
+    delay = checked_delay(value)
+    if delay is None:
+        raise InvalidOptionError(
+            "delay_ms", f"must be a number of milliseconds between 0 and {MAX_DELAY_MS}"
+        )
+    return delay
+
+
 class UnrecoverableError(Exception):
     """Raised by a processor: fail the job now, whatever attempts remain."""
 
@@ -96,7 +107,7 @@ class RateLimitError(Exception):
 
     def __init__(self, delay_ms: int, message: str = "rate limited") -> None:
         super().__init__(message)
-        self.delay_ms = int(delay_ms)
+        self.delay_ms = _control_delay(delay_ms)
 
 
 class GroupRateLimitError(Exception):
@@ -108,12 +119,12 @@ class GroupRateLimitError(Exception):
 
     def __init__(self, delay_ms: int, message: str = "group rate limited") -> None:
         super().__init__(message)
-        self.delay_ms = int(delay_ms)
+        self.delay_ms = _control_delay(delay_ms)
 
 
 class DelayJob(Exception):
     """Raised by a processor: run this job again after `delay_ms`, without using an attempt."""
 
     def __init__(self, delay_ms: int) -> None:
-        super().__init__(f"delayed by {delay_ms} ms")
-        self.delay_ms = int(delay_ms)
+        self.delay_ms = _control_delay(delay_ms)
+        super().__init__(f"delayed by {self.delay_ms} ms")

@@ -9,8 +9,9 @@ from typing import Any, Literal
 from queue_core.connection import connect
 from queue_core.errors import InvalidOptionError
 from queue_core.options import JobOptions
-from queue_core.queue import Queue, _pack
-from queue_core.types import RedisClient, as_str
+from queue_core.queue import Queue
+from queue_core.storage import pack
+from queue_core.types import RedisClient
 
 __all__ = ["FlowJob", "FlowNode", "FlowProducer", "child_key_to_id"]
 
@@ -85,10 +86,10 @@ class FlowProducer:
             if opts.dedup is not None or opts.group_max_size:
                 raise InvalidOptionError("options", "flows do not support dedup or group_max_size")
             job = queue._encode(node.name, node.data, opts)
-            encoded.append([queue._base, parent, node.on_failure, job, len(node.children)])
+            encoded.append([queue.keys.base, parent, node.on_failure, job, len(node.children)])
         root = self.queue(flow.queue)
-        ids = await root._call("add_flow", _pack(encoded), routed_only=True)
-        id_iter: Iterator[str] = (as_str(x) for x in ids)
+        ids = await root._store.add_flow(pack(encoded))
+        id_iter: Iterator[str] = iter(ids)
         return self._tree(flow, id_iter)
 
     def _tree(self, node: FlowJob, ids: Iterator[str]) -> FlowNode:

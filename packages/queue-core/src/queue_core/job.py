@@ -8,8 +8,10 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from queue_core.errors import InvalidOptionError
+from queue_core.codec import dumps
+from queue_core.errors import JobNotFoundError
 from queue_core.options import Backoff
+from queue_core.types import as_str
 
 if TYPE_CHECKING:
     from queue_core.queue import Queue
@@ -180,24 +182,24 @@ class Job:
 
     async def update_progress(self, progress: Any) -> None:
         """Store `progress` (any JSON value) and emit a `progress` event."""
-        try:
-            encoded = orjson.dumps(progress)
-        except TypeError as exc:
-            raise InvalidOptionError("progress", f"not JSON-serializable: {exc}") from exc
+        encoded = dumps(progress, "progress")
         self.progress = progress
-        await self.queue._update_progress(self.id, encoded)
+        if not await self.queue._store.job_progress(self.id, encoded):
+            raise JobNotFoundError(f"no job {self.id!r} in queue {self.queue.name!r}")
 
     async def log(self, message: str) -> int:
         """Append a line to the job's log (capped at `keep_logs` lines); returns the count."""
-        return await self.queue._add_log(self.id, str(message), self.keep_logs)
+        return await self.queue._store.job_log(self.id, str(message), self.keep_logs)
 
     async def children_values(self) -> dict[tuple[str, str], Any]:
         """Results of this flow parent's completed children: {(queue base, job id): value}."""
-        return await self.queue._children(self.id, failed=False)
+        raw = await self.queue._store.children(self.id, failed=False)
+        return {_child_key(k): orjson.loads(v) for k, v in raw.items()}
 
     async def failed_children(self) -> dict[tuple[str, str], str]:
         """Errors of children that failed under the `ignore`/`continue` policies."""
-        return await self.queue._children(self.id, failed=True)
+        raw = await self.queue._store.children(self.id, failed=True)
+        return {_child_key(k): as_str(v) for k, v in raw.items()}
 
     async def get_state(self) -> Any:
         return await self.queue.get_state(self.id)
@@ -211,3 +213,8 @@ class Job:
 
     def __repr__(self) -> str:
         return f"Job(id={self.id!r}, name={self.name!r}, queue={self.queue.name!r})"
+
+
+def _child_key(raw: Any) -> tuple[str, str]:
+    base, _, child_id = as_str(raw).rpartition("|")
+    return base, child_id

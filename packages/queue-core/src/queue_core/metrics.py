@@ -27,11 +27,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import RedisError
 
 from queue_core.errors import InvalidOptionError
-from queue_core.queue import Queue, job_counts_from_reply
-from queue_core.scripts import scripts
+from queue_core.queue import Queue
 from queue_core.types import JobCounts, as_str
 from queue_core.worker import HISTOGRAM_BUCKETS_MS
 
@@ -137,6 +136,8 @@ class QueueSnapshot:
 
     counts: JobCounts
     metrics: QueueMetrics
+    dead_letter_waiting: int | None = None
+    """Copies waiting in the queue's dead-letter queue (None: the queue has none)."""
 
 
 def _int(raw: Any) -> int:
@@ -202,57 +203,34 @@ def _from_hash(name: str, minute: int, minutes: int, raw: dict[Any, Any]) -> Que
 
 async def _read(
     queue: Queue, minute: int, minutes: int, *, counts: bool, whole: bool
-) -> tuple[JobCounts | None, Any]:
-    """Optionally the job counts, and the metrics hash (whole or the needed fields), in one
-    pipeline round trip."""
-    r: Any = queue.redis
-    script = scripts()["get_counts"]
-    mk = queue.keys.key("metrics")
-    fields = ["ct", "ft", "hs", *_HIST_FIELDS, *_window_fields(minute, minutes)]
-    for attempt in range(2):
-        pipe = r.pipeline(transaction=False)
-        if counts:
-            # (execute_command: redis-py's cluster pipeline refuses its evalsha method)
-            pipe.execute_command("EVALSHA", script.sha, 1, queue.keys.meta, queue.keys.base)
-        if whole:
-            pipe.hgetall(mk)
-        else:
-            pipe.hmget(mk, fields)
-        try:
-            replies = await pipe.execute()
-        except NoScriptError:
-            if attempt:
-                raise
-            await r.script_load(script.source)
-            continue
-        if not whole:
-            replies[-1] = dict(zip(fields, replies[-1], strict=True))
-        job_counts = job_counts_from_reply(replies[0]) if counts else None
-        return job_counts, replies[-1]
-    raise AssertionError("unreachable")  # pragma: no cover
+) -> tuple[JobCounts | None, int | None, Any]:
+    """Optionally the job counts and dead-letter depth, and the metrics hash (whole or the
+    needed fields), in one pipeline round trip."""
+    fields = None if whole else ["ct", "ft", "hs", *_HIST_FIELDS, *_window_fields(minute, minutes)]
+    return await queue._store.counts_and_hash(queue.keys.key("metrics"), fields, counts=counts)
 
 
 async def _collect(
     queue: Queue, minutes: int, *, counts: bool, now_ms: int | None
-) -> tuple[JobCounts | None, QueueMetrics]:
+) -> tuple[JobCounts | None, int | None, QueueMetrics]:
     _check_minutes(minutes)
     minute = (int(time.time() * 1000) if now_ms is None else now_ms) // 60000
     base = queue.keys.base
     whole = _SUM_MINUTES.get(base, False)
-    job_counts, raw = await _read(queue, minute, minutes, counts=counts, whole=whole)
+    job_counts, dlq, raw = await _read(queue, minute, minutes, counts=counts, whole=whole)
     if whole:
         metrics = _from_hash(queue.name, minute, minutes, raw)
         if metrics.totals_all_time:
             _SUM_MINUTES.pop(base, None)
-        return job_counts, metrics
+        return job_counts, dlq, metrics
     has_totals = raw["ct"] is not None or raw["ft"] is not None
     if has_totals or not any(v is not None for f, v in raw.items() if f != "hs"):
         # All-time totals kept by the finish script, or nothing ever finished.
-        return job_counts, _build(queue.name, minute, minutes, raw.get, (0, 0))
+        return job_counts, dlq, _build(queue.name, minute, minutes, raw.get, (0, 0))
     # No all-time totals: sum the per-minute fields (and read the whole hash from now on).
     _SUM_MINUTES[base] = True
-    _, whole_hash = await _read(queue, minute, minutes, counts=False, whole=True)
-    return job_counts, _from_hash(queue.name, minute, minutes, whole_hash)
+    _, _, whole_hash = await _read(queue, minute, minutes, counts=False, whole=True)
+    return job_counts, dlq, _from_hash(queue.name, minute, minutes, whole_hash)
 
 
 async def get_metrics(
@@ -262,7 +240,7 @@ async def get_metrics(
 
     `now_ms` (epoch ms) replaces the local clock, for tests and reproducible reports.
     """
-    _, metrics = await _collect(queue, minutes, counts=False, now_ms=now_ms)
+    _, _, metrics = await _collect(queue, minutes, counts=False, now_ms=now_ms)
     return metrics
 
 
@@ -270,9 +248,9 @@ async def queue_snapshot(
     queue: Queue, minutes: int = 60, *, now_ms: int | None = None
 ) -> QueueSnapshot:
     """Job counts and metrics in one round trip."""
-    counts, metrics = await _collect(queue, minutes, counts=True, now_ms=now_ms)
+    counts, dlq, metrics = await _collect(queue, minutes, counts=True, now_ms=now_ms)
     assert counts is not None
-    return QueueSnapshot(counts, metrics)
+    return QueueSnapshot(counts, metrics, dlq)
 
 
 # -- Prometheus text format 0.0.4 ---------------------------------------------------------------
@@ -317,6 +295,10 @@ class _Family:
     def __init__(self, name: str, kind: str, help_text: str) -> None:
         self.lines = [f"# HELP {name} {_escape_help(help_text)}", f"# TYPE {name} {kind}"]
 
+    @property
+    def sampled(self) -> bool:
+        return len(self.lines) > 2
+
     def sample(self, name: str, labels: Sequence[tuple[str, str]], value: float) -> None:
         body = ",".join(f'{k}="{escape_label_value(v)}"' for k, v in labels)
         self.lines.append(f"{name}{{{body}}} {_number(value)}")
@@ -354,6 +336,11 @@ async def render_prometheus(queues: Sequence[Queue]) -> str:
     failed_last_minute = _Family(
         "queue_failed_last_minute", "gauge", "Jobs failed during the last complete minute."
     )
+    dead = _Family(
+        "queue_dead_letter_jobs",
+        "gauge",
+        "Copies waiting in the queue's dead-letter queue (capped by dead_letter_max).",
+    )
     hist = _Family(
         "queue_processing_seconds",
         "histogram",
@@ -369,12 +356,15 @@ async def render_prometheus(queues: Sequence[Queue]) -> str:
         failed.sample("queue_failed_total", [label], m.failed_total)
         last_minute.sample("queue_completed_last_minute", [label], m.completed_last_minute)
         failed_last_minute.sample("queue_failed_last_minute", [label], m.failed_last_minute)
+        if snap.dead_letter_waiting is not None:
+            dead.sample("queue_dead_letter_jobs", [label], snap.dead_letter_waiting)
         for bound, n in m.buckets:
             hist.sample("queue_processing_seconds_bucket", [label, ("le", _le(bound))], n)
         hist.sample("queue_processing_seconds_sum", [label], m.processing_sum_ms / 1000)
         hist.sample("queue_processing_seconds_count", [label], m.processing_count)
-    families = (jobs, paused, completed, failed, last_minute, failed_last_minute, hist)
-    return "".join(line + "\n" for family in families for line in family.lines)
+    families = (jobs, paused, completed, failed, last_minute, failed_last_minute, dead, hist)
+    # (a family without samples, such as dead letters where no queue has a DLQ, is left out)
+    return "".join(line + "\n" for family in families if family.sampled for line in family.lines)
 
 
 # -- a minimal scrape endpoint -------------------------------------------------------------------

@@ -11,11 +11,13 @@ from functools import lru_cache
 from typing import TYPE_CHECKING, Any, Literal
 
 from queue_core.errors import InvalidOptionError
+from queue_core.limits import MAX_DELAY_MS
 
 if TYPE_CHECKING:
     from queue_core.job import Job
 
 __all__ = [
+    "MAX_DELAY_MS",
     "MAX_PRIORITY",
     "Backoff",
     "BackoffStrategy",
@@ -39,7 +41,25 @@ def _ms(value: int | float | timedelta, field_name: str) -> int:
         raise InvalidOptionError(field_name, "must be a number of milliseconds or a timedelta")
     if value < 0:
         raise InvalidOptionError(field_name, "must not be negative")
+    if value > MAX_DELAY_MS:
+        raise InvalidOptionError(field_name, f"must be at most {MAX_DELAY_MS} ms (ten years)")
     return int(value)
+
+
+def check_text(value: object, field_name: str, max_len: int) -> str:
+    """A non-empty string of at most `max_len` characters that encodes as UTF-8 (a lone
+    surrogate cannot be stored in Redis or sent in JSON), without whitespace."""
+    if not isinstance(value, str) or not value or len(value) > max_len:
+        raise InvalidOptionError(
+            field_name, f"must be a non-empty string of at most {max_len} chars"
+        )
+    if any(c.isspace() for c in value):
+        raise InvalidOptionError(field_name, "must not contain whitespace")
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        raise InvalidOptionError(field_name, "must be valid text (no lone surrogates)") from None
+    return value
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,11 +107,11 @@ class Backoff:
         """Delay in ms before the next attempt, after `attempts_made` failed attempts."""
         d: float
         if self.type == "exponential":
-            d = float(self.delay * 2 ** max(0, attempts_made - 1))
+            # (an exponent past ~40 doublings already exceeds the cap: no huge int is built)
+            d = float(self.delay * 2 ** min(max(0, attempts_made - 1), 64))
         else:
             d = float(self.delay)
-        if self.max_delay is not None:
-            d = min(d, self.max_delay)
+        d = min(d, self.max_delay if self.max_delay is not None else MAX_DELAY_MS)
         if self.jitter:
             d = d * (1 - self.jitter * rng())
         return math.floor(d + 0.5)
@@ -156,6 +176,11 @@ class Dedup:
     def __post_init__(self) -> None:
         if not isinstance(self.id, str) or not self.id or len(self.id) > 512:
             raise InvalidOptionError("dedup.id", "must be a non-empty string of at most 512 chars")
+        try:
+            self.id.encode()
+        except UnicodeEncodeError:
+            reason = "must be valid text (no lone surrogates)"
+            raise InvalidOptionError("dedup.id", reason) from None
         if self.mode not in ("simple", "ttl", "debounce"):
             raise InvalidOptionError("dedup.mode", "must be 'simple', 'ttl' or 'debounce'")
         if self.ttl is not None:
@@ -190,16 +215,8 @@ class JobOptions:
     dedup: Dedup | None = None
 
     def __post_init__(self) -> None:
-        if self.job_id is not None:
-            jid = self.job_id
-            if not isinstance(jid, str) or not jid or len(jid) > 256:
-                raise InvalidOptionError(
-                    "job_id", "must be a non-empty string of at most 256 chars"
-                )
-            if jid.isdigit():
-                raise InvalidOptionError("job_id", "must not be all digits (reserved for auto ids)")
-            if any(c.isspace() for c in jid):
-                raise InvalidOptionError("job_id", "must not contain whitespace")
+        if self.job_id is not None and check_text(self.job_id, "job_id", 256).isdigit():
+            raise InvalidOptionError("job_id", "must not be all digits (reserved for auto ids)")
         if isinstance(self.priority, bool) or not isinstance(self.priority, int):
             raise InvalidOptionError("priority", "must be an integer")
         if not 0 <= self.priority <= MAX_PRIORITY:
@@ -227,10 +244,7 @@ class JobOptions:
         if not isinstance(self.keep_logs, int) or self.keep_logs < 0:
             raise InvalidOptionError("keep_logs", "must be a non-negative integer")
         if self.group is not None:
-            if not isinstance(self.group, str) or not self.group or len(self.group) > 256:
-                raise InvalidOptionError("group", "must be a non-empty string of at most 256 chars")
-            if any(c.isspace() for c in self.group):
-                raise InvalidOptionError("group", "must not contain whitespace")
+            check_text(self.group, "group", 256)
             if self.lifo:
                 raise InvalidOptionError("lifo", "cannot be used with a group (groups are FIFO)")
         if not isinstance(self.group_weight, int | float) or not 0 < self.group_weight <= 1000:
@@ -296,6 +310,8 @@ class QueueSettings:
     """Name of the queue (same hash tag) that receives a copy of every finally failed job."""
     max_events: int = 10_000
     """Approximate cap of the events stream."""
+    dead_letter_max: int = 10_000
+    """Most copies the dead-letter queue keeps waiting; the oldest go first beyond it."""
     extra: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -315,3 +331,5 @@ class QueueSettings:
             raise InvalidOptionError("group_concurrency", "must be a positive integer")
         if not isinstance(self.max_events, int) or self.max_events < 10:
             raise InvalidOptionError("max_events", "must be an integer >= 10")
+        if not isinstance(self.dead_letter_max, int) or self.dead_letter_max < 1:
+            raise InvalidOptionError("dead_letter_max", "must be a positive integer")

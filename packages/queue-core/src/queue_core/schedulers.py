@@ -3,17 +3,26 @@
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import asdict, dataclass
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+import msgpack
 import orjson
 from croniter import croniter
 
 from queue_core.errors import InvalidOptionError
+from queue_core.keys import validate_name
+from queue_core.storage import pack
+from queue_core.types import as_str
 
-__all__ = ["Schedule", "SchedulerInfo"]
+if TYPE_CHECKING:
+    from queue_core.options import JobOptions
+    from queue_core.storage import Storage
+
+__all__ = ["Schedule", "SchedulerControls", "SchedulerInfo", "advance_scheduler"]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -90,3 +99,82 @@ class SchedulerInfo:
     next_run_ms: int | None
     runs: int
     job_name: str
+
+
+class SchedulerControls:
+    """Job schedulers of a queue (mixed into `Queue`)."""
+
+    _store: Storage
+
+    if TYPE_CHECKING:  # provided by Queue
+
+        def _options(self, options: JobOptions | None, overrides: dict[str, Any]) -> JobOptions: ...
+
+        def _encode(self, name: str, data: Any, opts: JobOptions) -> list[Any]: ...
+
+    async def upsert_scheduler(
+        self,
+        scheduler_id: str,
+        schedule: Schedule,
+        name: str = "scheduled",
+        data: Any = None,
+        options: JobOptions | None = None,
+        /,
+        **overrides: Any,
+    ) -> int | None:
+        """Create or replace a scheduler. Exactly one job is pending for it at any time (id
+        `sch:<scheduler_id>:<run ms>`); each run's start schedules the next. Returns the first
+        run time (epoch ms), or None when the schedule has no run left."""
+        validate_name(scheduler_id, "scheduler_id")
+        if not isinstance(schedule, Schedule):
+            raise InvalidOptionError("schedule", "must be a Schedule")
+        opts = self._options(options, overrides)
+        if opts.job_id is not None or opts.dedup is not None or opts.delay or opts.run_at:
+            raise InvalidOptionError("options", "schedulers choose job ids and times themselves")
+        template = self._encode(name, data, opts)[1:]  # without the job id
+        first = schedule.next_after(int(time.time() * 1000) - 1)
+        await self._store.upsert_scheduler(
+            scheduler_id, schedule.to_json(), pack(template), first or 0, schedule.limit or 0
+        )
+        return first
+
+    async def get_scheduler(self, scheduler_id: str) -> SchedulerInfo | None:
+        raw = await self._store.scheduler_hash(scheduler_id)
+        if not raw:
+            return None
+        h = {as_str(k): v for k, v in raw.items()}
+        fields = msgpack.unpackb(h["tmpl"], raw=False)[-1]
+        nxt = int(as_str(h.get("next", b"0")))
+        return SchedulerInfo(
+            id=scheduler_id,
+            schedule=Schedule.from_json(h["spec"]),
+            next_run_ms=nxt or None,
+            runs=int(as_str(h.get("count", b"0"))),
+            job_name=as_str(fields[fields.index("name") + 1]),
+        )
+
+    async def list_schedulers(self) -> list[SchedulerInfo]:
+        out = []
+        for sid in await self._store.scheduler_ids():
+            info = await self.get_scheduler(sid)
+            if info is not None:
+                out.append(info)
+        return out
+
+    async def remove_scheduler(self, scheduler_id: str) -> bool:
+        """Remove a scheduler and its pending job (a running one finishes)."""
+        return await self._store.remove_scheduler(scheduler_id)
+
+    async def _advance_scheduler(self, scheduler_id: str, started_at: int, now_ms: int) -> bool:
+        return await advance_scheduler(self._store, scheduler_id, started_at, now_ms)
+
+
+async def advance_scheduler(
+    store: Storage, scheduler_id: str, started_at: int, now_ms: int
+) -> bool:
+    """Schedule the run after `started_at` (a compare-and-set: one caller per run wins)."""
+    raw = await store.scheduler_spec(scheduler_id)
+    if raw is None:
+        return False
+    nxt = Schedule.from_json(raw).next_after(max(started_at, now_ms))
+    return await store.schedule_next(scheduler_id, started_at, nxt or 0)

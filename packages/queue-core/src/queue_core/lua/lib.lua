@@ -68,7 +68,7 @@ end
 
 local function meta_of(B)
   local m = rcall('HMGET', B .. ':meta', 'paused', 'conc', 'rlm', 'rld', 'gc', 'grlm', 'grld',
-    'strict', 'dlq', 'maxev', 'dlqname')
+    'strict', 'dlq', 'maxev', 'dlqname', 'dlqmax')
   return {
     B = B,
     paused = m[1] == '1',
@@ -79,6 +79,7 @@ local function meta_of(B)
     strict = m[8] ~= '0',
     dlq = m[9] or nil, dlqname = m[11] or nil,
     maxev = tonumber(m[10]) or 10000,
+    dlqmax = tonumber(m[12]) or 10000,
   }
 end
 
@@ -483,8 +484,18 @@ local function dead_letter(B, M, id, jk, now)
     ddid = '', ddttl = 0, ddmode = '',
     fields = { 'name', src[1] or '', 'data', src[2] or 'null', 'errs', src[3] or '[]',
       'src', B, 'srcid', id, 'srcatm', src[4] or '0', 'srcts', src[5] or '0',
-      'err', src[6] or '', 'stack', src[7] or '', 'att', '1', 'roc', '-1,0', 'rof', '-1,0' },
+      'err', src[6] or '', 'stack', src[7] or '', 'att', '1', 'roc', '10000,2592000', 'rof', '10000,2592000' },
   })
+  -- Bounded: a poison-message storm must not grow Redis without limit (under noeviction it
+  -- would stop every queue). The oldest copies beyond the source queue's cap go first.
+  local wk = M.dlq .. ':wait'
+  local over = rcall('ZCARD', wk) - M.dlqmax
+  if over > 0 then
+    local old = rcall('ZRANGE', wk, 0, math.min(over, 1000) - 1)
+    for i = 1, #old do delete_job_keys(M.dlq, old[i]) end
+    rcall('ZREM', wk, unpack(old))
+    emit(M.dlq, DM, 'e', 'removed', 'id', old[1], 'reason', 'dead-letter cap', 'n', #old)
+  end
 end
 
 local finalize   -- forward: flows make it recursive (a failed child may fail its parent)

@@ -5,9 +5,12 @@
 -- ARGV[2]  sweep interval ms (throttle)
 -- ARGV[3]  max stalled count (a job that stalls more often fails)
 -- ARGV[4]  max jobs per sweep
--- Returns {swept (0/1), requeued ids, failed ids}.
+-- Returns {swept (0/1), requeued ids, failed ids, ms until the next sweep is allowed (when
+-- another worker swept within the interval; 0 otherwise)}.
 local B = ARGV[1]
-if not rcall('SET', B .. ':stall', '1', 'NX', 'PX', tonumber(ARGV[2])) then return { 0, {}, {} } end
+if not rcall('SET', B .. ':stall', '1', 'NX', 'PX', tonumber(ARGV[2])) then
+  return { 0, {}, {}, math.max(0, rcall('PTTL', B .. ':stall')) }
+end
 local max_stalled = tonumber(ARGV[3])
 local now = now_ms()
 local M = meta_of(B)
@@ -42,4 +45,4 @@ end
 apply_trims(trims, now)
 repair_schedulers(B, M, now)
 flush_wakes(now)
-return { 1, requeued, failed }
+return { 1, requeued, failed, 0 }
