@@ -66,6 +66,7 @@ def _dump(path: Path) -> None:
 
 def main() -> int:
     service = sys.argv[1]
+    del sys.argv[1:]  # the service reads its own arguments
     out = Path(os.environ["BENCH_COUNTS_DIR"]) / f"{service}.json"
     event.listen(Engine, "before_cursor_execute", _on_execute)
     event.listen(Engine, "after_cursor_execute", _after_execute)

@@ -57,6 +57,9 @@ class PipelineSettings:
     ai_timeout_ms: int = 60_000
     ai_lock_ms: int = 30_000
     stalled_interval_ms: int = 30_000
+    # a job whose worker died this often is failed (then answered by the fallback): a kill or
+    # two (a deploy, an OOM) must not cost a visitor the answer
+    max_stalls: int = 3
     llm_base_url: str = "https://api.openai.com/v1"
     llm_api_key: str = field(default="", repr=False)
     llm_model: str = "gpt-4o-mini"
@@ -98,6 +101,7 @@ class PipelineSettings:
             ai_timeout_ms=_int(env, "AI_JOB_TIMEOUT_MS", 60_000, 1000),
             ai_lock_ms=_int(env, "AI_LOCK_MS", 30_000, 500),
             stalled_interval_ms=_int(env, "QUEUE_STALLED_INTERVAL_MS", 30_000, 100),
+            max_stalls=_int(env, "QUEUE_MAX_STALLS", 3),
             llm_base_url=env.get("LLM_BASE_URL") or "https://api.openai.com/v1",
             llm_api_key=env.get("LLM_API_KEY", ""),
             llm_model=env.get("LLM_MODEL") or "gpt-4o-mini",

@@ -46,6 +46,7 @@ from chat_domain.types import ChannelKind
 from chat_pipeline import PipelineSettings, Runtime
 from chat_pipeline.cache import TTLCache
 from chat_pipeline.live import publish, status_frame, typing_frame, visitor_channel
+from chat_pipeline.supervision import WorkerSet, first_of, report_health
 from queue_core import Job, Worker
 
 __all__ = ["AnswerProcessor", "llm_backoff", "run_worker"]
@@ -311,6 +312,8 @@ class AnswerProcessor:
 
 
 async def run_worker(settings: PipelineSettings, stop: asyncio.Event) -> None:
+    """Run until `stop` is set; raises if the queue worker dies (the process then exits and
+    is restarted)."""
     rt = await Runtime.start(settings)
     processor = AnswerProcessor(rt)
     try:
@@ -323,15 +326,20 @@ async def run_worker(settings: PipelineSettings, stop: asyncio.Event) -> None:
             # a dead worker's job restarts after at most lock + stalled interval
             lock_duration=settings.ai_lock_ms,
             stalled_interval=settings.stalled_interval_ms,
+            max_stalled_count=settings.max_stalls,
         )
-        worker.start()
+        workers = WorkerSet([worker])
+        workers.start()
         log.info(
             "ai-worker running (concurrency %d, %s)",
             settings.ai_concurrency,
             "LLM " + settings.llm_base_url if settings.llm_api_key else "offline answers",
         )
-        await stop.wait()
-        await worker.close(timeout=30)
+        async with report_health("ai-worker", workers):
+            error = await first_of(stop.wait(), workers.failed())
+        await workers.close(30)
+        if isinstance(error, BaseException):
+            raise error
     finally:
         await processor.close()
         await rt.close()

@@ -14,19 +14,23 @@ from sqlalchemy import text
 
 from chat_domain import get_chatbot_by_widget_key
 from chat_pipeline import PipelineSettings, Runtime
+from chat_pipeline.supervision import WorkerSet, first_of
 from gateway import widget
 from gateway.errors import ApiError, error_middleware
 from gateway.keys import hub_key, runtime_key
 from gateway.live_hub import LiveHub
 from gateway.workers import schedule_maintenance, start_workers
-from queue_core import Queue, Worker
+from queue_core import Queue
 
 __all__ = ["create_app", "settings_key"]
 
 log = logging.getLogger("gateway")
 
 settings_key = web.AppKey("settings", PipelineSettings)
-workers_key = web.AppKey("workers", list[Worker])
+workers_key = web.AppKey("workers", WorkerSet)
+# set when the process must stop on its own (a queue worker died); serve() then raises
+stop_key = web.AppKey("stop", asyncio.Event)
+failure_key = web.AppKey("failure", list[BaseException])
 
 _STATIC = resources.files("gateway") / "static"
 
@@ -47,15 +51,28 @@ async def hub_ctx(app: web.Application) -> AsyncIterator[None]:
 
 async def workers_ctx(app: web.Application) -> AsyncIterator[None]:
     rt = app[runtime_key]
-    workers: list[Worker] = []
+    workers = WorkerSet([])
     if app[settings_key].gateway_role in ("all", "workers"):
         p = rt.pipeline
         await p.configure(p.incoming, p.outgoing, p.maintenance)
         await schedule_maintenance(rt)
         workers = start_workers(rt)
     app[workers_key] = workers
+    watcher = asyncio.create_task(_watch(app, workers), name="gateway-workers-watch")
     yield
-    await asyncio.gather(*(w.close(timeout=10) for w in workers))
+    watcher.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await watcher
+    await workers.close(10)
+
+
+async def _watch(app: web.Application, workers: WorkerSet) -> None:
+    """A dead queue worker stops the process (to be restarted) rather than leaving a gateway
+    that accepts messages nobody processes."""
+    error = await workers.failed()
+    log.critical("a queue worker of the gateway died (%s); stopping", error)
+    app[failure_key].append(error)
+    app[stop_key].set()
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -77,10 +94,12 @@ async def readyz(request: web.Request) -> web.Response:
         checks["database"] = "ok"
     except Exception as exc:
         checks["database"] = f"error: {type(exc).__name__}"
+    workers = request.app[workers_key].health()
+    if workers:
+        checks["workers"] = "ok" if all(w["healthy"] for w in workers) else "error: unhealthy"
     ok = all(v == "ok" for v in checks.values())
-    return web.json_response(
-        {"status": "ok" if ok else "unavailable", "checks": checks}, status=200 if ok else 503
-    )
+    body = {"status": "ok" if ok else "unavailable", "checks": checks, "workers": workers}
+    return web.json_response(body, status=200 if ok else 503)
 
 
 async def metrics(request: web.Request) -> web.Response:
@@ -130,6 +149,8 @@ def create_app(settings: PipelineSettings) -> web.Application:
         middlewares=[widget.cors_middleware, error_middleware], client_max_size=64 * 1024
     )
     app[settings_key] = settings
+    app[stop_key] = asyncio.Event()
+    app[failure_key] = []
     app[widget.cache_key] = widget.WidgetConfigCache()
     app[widget.pending_key] = widget.PendingPosts()
     app.cleanup_ctx.extend([runtime_ctx, hub_ctx, workers_ctx])
@@ -147,14 +168,18 @@ def create_app(settings: PipelineSettings) -> web.Application:
 
 
 async def serve(settings: PipelineSettings, stop: asyncio.Event) -> None:
-    """Run the app until `stop` is set (signals set it); close cleanly."""
-    runner = web.AppRunner(create_app(settings), access_log=None, shutdown_timeout=5)
+    """Run the app until `stop` is set (signals set it); close cleanly. Raises the error of a
+    queue worker that died (the process exits non-zero and is restarted)."""
+    app = create_app(settings)
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=5)
     await runner.setup()
     site = web.TCPSite(runner, settings.host, settings.port)
     await site.start()
     log.info("gateway listening on %s (role %s)", settings.base_url, settings.gateway_role)
     try:
-        await stop.wait()
+        await first_of(stop.wait(), app[stop_key].wait())
     finally:
         with contextlib.suppress(Exception):
             await runner.cleanup()
+    if app[failure_key]:
+        raise app[failure_key][0]

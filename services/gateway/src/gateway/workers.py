@@ -20,7 +20,9 @@ from chat_domain import (
 from chat_domain.payloads import AIRequest, IncomingMessage, OutgoingMessage
 from chat_pipeline import Runtime
 from chat_pipeline.live import message_frame, publish, visitor_channel
-from queue_core import Job, Schedule, UnrecoverableError, Worker
+from chat_pipeline.supervision import WorkerSet
+from queue_core import Job, Queue, Schedule, UnrecoverableError, Worker
+from queue_core.types import Processor
 
 __all__ = ["IncomingProcessor", "OutgoingProcessor", "start_workers"]
 
@@ -181,30 +183,25 @@ async def schedule_maintenance(rt: Runtime) -> None:
     )
 
 
-def start_workers(rt: Runtime) -> list[Worker]:
+def start_workers(rt: Runtime) -> WorkerSet:
     s = rt.settings
-    workers = [
-        Worker(
-            rt.pipeline.incoming,
-            IncomingProcessor(rt),
-            concurrency=s.incoming_concurrency,
+
+    def worker(queue: Queue, processor: Processor, concurrency: int) -> Worker:
+        return Worker(
+            queue,
+            processor,
+            concurrency=concurrency,
             stalled_interval=s.stalled_interval_ms,
-        ),
-        Worker(
-            rt.pipeline.outgoing,
-            OutgoingProcessor(rt),
-            concurrency=s.outgoing_concurrency,
-            stalled_interval=s.stalled_interval_ms,
-        ),
-    ]
-    workers.append(
-        Worker(
-            rt.pipeline.maintenance,
-            RetentionProcessor(rt),
-            concurrency=1,
-            stalled_interval=s.stalled_interval_ms,
+            max_stalled_count=s.max_stalls,
         )
+
+    p = rt.pipeline
+    workers = WorkerSet(
+        [
+            worker(p.incoming, IncomingProcessor(rt), s.incoming_concurrency),
+            worker(p.outgoing, OutgoingProcessor(rt), s.outgoing_concurrency),
+            worker(p.maintenance, RetentionProcessor(rt), 1),
+        ]
     )
-    for worker in workers:
-        worker.start()
+    workers.start()
     return workers
