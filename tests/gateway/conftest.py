@@ -22,11 +22,12 @@ from chat_domain import (
     create_session_factory,
     create_tenant,
 )
-from chat_pipeline import PipelineSettings
+from chat_pipeline import PipelineSettings, Runtime
 from devstack import RedisServer
 from gateway.app import create_app
 from tests.domain.conftest import run_blocking
 from tests.domain.helpers import migrate
+from tests.fakes.openai_server import FakeOpenAIServer
 
 IDENTITY_SECRET = "identity-secret-for-tests"
 SHOP = "https://shop.example"
@@ -113,3 +114,20 @@ async def client(
 @pytest.fixture
 def _test_cleanup() -> list[str]:
     return []
+
+
+@pytest.fixture
+async def rt(
+    gateway_redis: RedisServer, gateway_db: str, secret_key: str
+) -> AsyncIterator[Runtime]:
+    runtime = await Runtime.start(settings_for(gateway_redis.url, gateway_db, secret_key))
+    yield runtime
+    # leave the shared private Redis clean for the next test (fixed queue names)
+    await runtime.redis.flushdb()
+    await runtime.close()
+
+
+@pytest.fixture
+async def fake_model() -> AsyncIterator[FakeOpenAIServer]:
+    async with FakeOpenAIServer() as server:
+        yield server

@@ -3,8 +3,6 @@ tests do not reach (plan limits, channel routing, cross-replica fan-out, AI erro
 
 from __future__ import annotations
 
-import uuid
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Any
 
@@ -14,13 +12,6 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from ai_worker.service import AnswerProcessor
 from chat_domain import (
-    WhatsAppCloudConfig,
-    WhatsAppCloudSecrets,
-    WidgetConfig,
-    create_channel,
-    create_chatbot,
-    create_plan,
-    create_tenant,
     get_or_create_contact,
     get_or_create_conversation,
     insert_message,
@@ -32,64 +23,11 @@ from chat_pipeline import Runtime
 from devstack import RedisServer
 from gateway.app import create_app
 from gateway.workers import IncomingProcessor, OutgoingProcessor
-from queue_core import Job, JobState, Queue
+from queue_core import JobState
 from tests.fakes.openai_server import FakeOpenAIServer, status
 
 from .conftest import settings_for
-
-
-@pytest.fixture
-async def rt(
-    gateway_redis: RedisServer, gateway_db: str, secret_key: str
-) -> AsyncIterator[Runtime]:
-    runtime = await Runtime.start(settings_for(gateway_redis.url, gateway_db, secret_key))
-    yield runtime
-    # leave the shared private Redis clean for the next test (fixed queue names)
-    await runtime.redis.flushdb()
-    await runtime.close()
-
-
-async def _tenant(
-    rt: Runtime,
-    *,
-    price: int = 1900,
-    messages_per_month: int | None = None,
-    provider_url: str | None = None,
-) -> dict[str, Any]:
-    async with rt.sessions() as s, s.begin():
-        plan = await create_plan(
-            s,
-            name=f"P-{uuid.uuid4().hex[:8]}",
-            monthly_price_cents=price,
-            messages_per_month=messages_per_month,
-        )
-        tenant = await create_tenant(s, name="T", plan_id=plan.id)
-        bot = await create_chatbot(
-            s,
-            rt.box,
-            tenant_id=tenant.id,
-            name="B",
-            model="fake-model",
-            provider_base_url=provider_url,
-            provider_api_key="k" if provider_url else None,
-            fallback_reply="FALLBACK",
-        )
-        widget = await create_channel(s, rt.box, chatbot_id=bot.id, config=WidgetConfig())
-        wa = await create_channel(
-            s,
-            rt.box,
-            chatbot_id=bot.id,
-            config=WhatsAppCloudConfig(phone_number_id=f"pn-{uuid.uuid4().hex[:8]}"),
-            secrets=WhatsAppCloudSecrets(access_token="t", app_secret="a", verify_token="v"),
-        )
-    return {"tenant": tenant.id, "bot": bot.id, "widget": widget.id, "wa": wa.id}
-
-
-def _job(queue: Queue, data: dict[str, Any], attempts: int = 1, made: int = 0) -> Job:
-    job = Job(queue, "test", "x", data)
-    job.attempts = attempts
-    job.attempts_made = made
-    return job
+from .helpers import _job, _tenant
 
 
 def _incoming(t: dict[str, Any], text: str, ext: str, user: str = "4915550001") -> dict[str, Any]:
@@ -222,12 +160,6 @@ async def test_a_reply_reaches_a_socket_held_by_another_gateway_replica(
         frame = orjson.loads(message.data)
         assert frame["type"] == "message" and frame["message"]["text"] == "from another replica"
         await ws.close()
-
-
-@pytest.fixture
-async def fake_model() -> AsyncIterator[FakeOpenAIServer]:
-    async with FakeOpenAIServer() as server:
-        yield server
 
 
 async def _ai_setup(rt: Runtime, fake: FakeOpenAIServer) -> tuple[dict[str, Any], AIRequest]:

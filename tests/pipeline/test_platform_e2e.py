@@ -117,7 +117,7 @@ async def test_a_conversation_handed_to_a_human_gets_no_bot_reply(
     redis = connect(platform.redis_url)
     try:
         incoming = Queue("incoming-messages", redis)
-        job_id = f"in:{platform.demo['channel_id']}:{visitor}:human-1"
+        job_id = f"in:{second['message_id']}:0"
         assert await incoming.wait_until_finished(job_id, 10) == "no-bot"
     finally:
         await redis.aclose()

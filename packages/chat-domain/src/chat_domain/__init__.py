@@ -63,6 +63,7 @@ from chat_domain.conversations import (
 from chat_domain.crypto import SecretBox, sign_visitor_id, verify_visitor_signature
 from chat_domain.db import create_engine, create_session_factory
 from chat_domain.errors import (
+    AlreadyAnsweredError,
     ConfigError,
     DomainError,
     NotFoundError,
@@ -80,6 +81,15 @@ from chat_domain.kb import (
 )
 from chat_domain.plans import QueuePriority, priority_for_price
 from chat_domain.quota import QuotaDecision, check_inbound_allowed
+from chat_domain.replies import (
+    OwedMessage,
+    history_for_prompt,
+    note_requeued,
+    owed_questions,
+    owed_replies,
+    store_reply,
+    unanswered_messages,
+)
 from chat_domain.retention import PurgeResult, purge_expired
 from chat_domain.settings import Settings
 from chat_domain.tenants import (
@@ -117,6 +127,7 @@ from chat_domain.webhooks import (
 )
 
 __all__ = [
+    "AlreadyAnsweredError",
     "ApiKeyView",
     "ChannelView",
     "ChatbotSecrets",
@@ -132,6 +143,7 @@ __all__ = [
     "InsertMessageResult",
     "MessageView",
     "NotFoundError",
+    "OwedMessage",
     "PermissionDenied",
     "PlanView",
     "PurgeResult",
@@ -187,6 +199,7 @@ __all__ = [
     "get_webhook_event",
     "get_webhook_secret",
     "has_role",
+    "history_for_prompt",
     "ingest_document",
     "insert_message",
     "list_api_keys",
@@ -195,6 +208,9 @@ __all__ = [
     "month_bounds",
     "monthly_totals",
     "monthly_usage",
+    "note_requeued",
+    "owed_questions",
+    "owed_replies",
     "priority_for_price",
     "purge_expired",
     "recent_messages",
@@ -210,6 +226,8 @@ __all__ = [
     "set_tenant_status",
     "set_webhook_endpoint_enabled",
     "sign_visitor_id",
+    "store_reply",
+    "unanswered_messages",
     "update_chatbot",
     "update_delivery_status",
     "update_delivery_status_by_external_id",

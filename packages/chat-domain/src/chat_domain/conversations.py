@@ -83,6 +83,8 @@ class MessageView:
     error_text: str | None
     created_at: datetime
     status_updated_at: datetime
+    reply_id: uuid.UUID | None = None  # (user messages) the reply that answered it
+    requeues: int = 0
 
     @classmethod
     def of(cls, row: Message) -> MessageView:
@@ -100,6 +102,8 @@ class MessageView:
             error_text=row.error_text,
             created_at=row.created_at,
             status_updated_at=row.status_updated_at,
+            reply_id=row.reply_id,
+            requeues=row.requeues or 0,
         )
 
 
@@ -307,6 +311,7 @@ async def insert_message(
             status=status or ("received" if role == "user" else "queued"),
             status_updated_at=now,
             created_at=now,
+            requeues=0,
         )
         .on_conflict_do_nothing(index_elements=["channel_id", "external_id"])
         .returning(Message)  # the stored row in the same statement (no SELECT after it)

@@ -25,3 +25,8 @@ class SecretDecryptionError(DomainError):
 
 class RecorderClosedError(DomainError):
     """A usage event was recorded after ``UsageRecorder.close()``."""
+
+
+class AlreadyAnsweredError(DomainError):
+    """Some of the messages a reply was to answer were answered by another reply meanwhile (two
+    answer runs overlapped); the caller's transaction must roll back."""

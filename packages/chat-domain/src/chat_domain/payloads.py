@@ -39,7 +39,11 @@ class IncomingMessage(Payload):
 
 
 class AIRequest(Payload):
-    """Answer a conversation, considering messages up to ``up_to_message_id``/``up_to_seq``."""
+    """Answer the conversation's unanswered user messages (those no reply has claimed when the
+    job runs). ``up_to_message_id`` is the message that asked for this answer (for tracing).
+    ``request_id`` names the answer: its reply is stored under ``ai:<request_id>``, so a run
+    that stored the reply and died before handing it on is recognised when the job runs again.
+    """
 
     tenant_id: uuid.UUID
     chatbot_id: uuid.UUID
@@ -47,6 +51,7 @@ class AIRequest(Payload):
     up_to_message_id: uuid.UUID
     up_to_seq: int | None = None
     trigger_message_ids: tuple[uuid.UUID, ...] = ()
+    request_id: uuid.UUID | None = None
 
 
 class OutgoingMessage(Payload):

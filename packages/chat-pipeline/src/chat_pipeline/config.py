@@ -60,6 +60,13 @@ class PipelineSettings:
     # a job whose worker died this often is failed (then answered by the fallback): a kill or
     # two (a deploy, an OOM) must not cost a visitor the answer
     max_stalls: int = 3
+    # the reconciler (chat_pipeline.reconcile): every interval, stored messages the queues owe
+    # work for, older than `after` (x requeues + 1), are queued again; after max requeues
+    # questions get the fallback reply and undeliverable replies are marked failed
+    reconcile_interval_ms: int = 10_000
+    reconcile_after_ms: int = 60_000
+    reconcile_max_requeues: int = 3
+    reconcile_lookback_h: int = 24
     llm_base_url: str = "https://api.openai.com/v1"
     llm_api_key: str = field(default="", repr=False)
     llm_model: str = "gpt-4o-mini"
@@ -102,6 +109,10 @@ class PipelineSettings:
             ai_lock_ms=_int(env, "AI_LOCK_MS", 30_000, 500),
             stalled_interval_ms=_int(env, "QUEUE_STALLED_INTERVAL_MS", 30_000, 100),
             max_stalls=_int(env, "QUEUE_MAX_STALLS", 3),
+            reconcile_interval_ms=_int(env, "RECONCILE_INTERVAL_MS", 10_000, 100),
+            reconcile_after_ms=_int(env, "RECONCILE_AFTER_MS", 60_000, 100),
+            reconcile_max_requeues=_int(env, "RECONCILE_MAX_REQUEUES", 3),
+            reconcile_lookback_h=_int(env, "RECONCILE_LOOKBACK_H", 24, 1),
             llm_base_url=env.get("LLM_BASE_URL") or "https://api.openai.com/v1",
             llm_api_key=env.get("LLM_API_KEY", ""),
             llm_model=env.get("LLM_MODEL") or "gpt-4o-mini",

@@ -7,6 +7,7 @@ the tenant's current plan.
 
 from __future__ import annotations
 
+import hashlib
 import uuid
 from dataclasses import dataclass
 
@@ -49,6 +50,10 @@ def conversation_group(tenant_id: uuid.UUID, conversation_id: uuid.UUID) -> str:
     return f"{tenant_id}:{conversation_id}"
 
 
+def _digest(text: str) -> str:
+    return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
+
+
 @dataclass(frozen=True, slots=True)
 class Pipeline:
     """The queues of the message pipeline and the one place that decides job options."""
@@ -70,14 +75,23 @@ class Pipeline:
         for queue in queues:
             await queue.configure(QUEUE_SETTINGS[queue.name])
 
-    async def enqueue_incoming(self, message: IncomingMessage, plan: QueuePriority) -> Job:
-        # One group per sender: a sender's messages are stored in the order they arrived.
-        group = f"{message.tenant_id}:{message.channel_id}:{message.external_user_id}"
-        job_id = (
-            f"in:{message.channel_id}:{message.external_message_id}"
-            if message.external_message_id
-            else None
-        )
+    async def enqueue_incoming(
+        self, message: IncomingMessage, plan: QueuePriority, *, requeue: int = 0
+    ) -> Job:
+        """Job ids and groups are fixed-length whatever the channel's ids: a stored message is
+        `in:<message id>:<requeue>` in its conversation's group (the reconciler queues a
+        message again under the next requeue number); a message not stored yet is keyed by a
+        hash of its channel and external ids, in a group per sender (a sender's messages are
+        stored in the order they arrived)."""
+        if message.message_id is not None and message.conversation_id is not None:
+            job_id: str | None = f"in:{message.message_id}:{requeue}"
+            group = conversation_group(message.tenant_id, message.conversation_id)
+        else:
+            sender = _digest(f"{message.channel_id}\0{message.external_user_id}")
+            group = f"{message.tenant_id}:{sender}"
+            job_id = None
+            if message.external_message_id:
+                job_id = "in:" + _digest(f"{message.channel_id}\0{message.external_message_id}")
         return await self.incoming.add(
             "incoming",
             message.model_dump(mode="json"),
@@ -114,11 +128,14 @@ class Pipeline:
             timeout=timeout_ms,
         )
 
-    async def enqueue_outgoing(self, message: OutgoingMessage, plan: QueuePriority) -> Job:
+    async def enqueue_outgoing(
+        self, message: OutgoingMessage, plan: QueuePriority, *, requeue: int = 0
+    ) -> Job:
+        job_id = f"out:{message.message_id}" + (f":{requeue}" if requeue else "")
         return await self.outgoing.add(
             "deliver",
             message.model_dump(mode="json"),
-            job_id=f"out:{message.message_id}",
+            job_id=job_id,
             group=conversation_group(message.tenant_id, message.conversation_id),
             priority=plan.priority,
             group_weight=plan.weight,

@@ -22,6 +22,7 @@ from ai_worker.llm import (
 from ai_worker.offline import OfflineResponder
 from ai_worker.prompt import build_messages
 from chat_domain import (
+    AlreadyAnsweredError,
     ChannelView,
     ChatbotSecrets,
     ChatbotView,
@@ -36,10 +37,11 @@ from chat_domain import (
     get_conversation,
     get_message_by_external_id,
     get_queue_priority,
-    insert_message,
+    history_for_prompt,
     recent_messages,
     search_chunks,
-    update_delivery_status,
+    store_reply,
+    unanswered_messages,
 )
 from chat_domain.payloads import AIRequest, OutgoingMessage
 from chat_domain.types import ChannelKind
@@ -47,7 +49,7 @@ from chat_pipeline import PipelineSettings, Runtime
 from chat_pipeline.cache import TTLCache
 from chat_pipeline.live import publish, status_frame, typing_frame, visitor_channel
 from chat_pipeline.supervision import WorkerSet, first_of, report_health
-from queue_core import Job, Worker
+from queue_core import DelayJob, Job, Worker
 
 __all__ = ["AnswerProcessor", "llm_backoff", "run_worker"]
 
@@ -99,36 +101,52 @@ class AnswerProcessor:
         await self.clients.aclose()
 
     async def __call__(self, job: Job) -> str:
-        rt = self.rt
         req = AIRequest.model_validate(job.data)
-        reply_key = f"ai:{req.conversation_id}:{req.up_to_seq}"
+        # The answer's own key: a rerun of this job finds the reply its earlier run stored.
+        # (Jobs queued before request ids existed keep their old key.)
+        if req.request_id is not None:
+            reply_key = f"ai:{req.request_id}"
+        else:
+            reply_key = f"ai:{req.conversation_id}:{req.up_to_seq}"
         ctx = await self._context(req, reply_key)
         if isinstance(ctx, str):
             return ctx
         channel = None  # widget visitors see a typing indicator while the answer is made
         if ctx.channel_kind == "widget":
             channel = visitor_channel(ctx.channel_id, ctx.recipient)
-            await publish(rt.redis, channel, typing_frame(True))
+            await self._best_effort(channel, typing_frame(True))
         try:
             completion = await self._answer(job, ctx)
         finally:
             if channel is not None:
-                await publish(rt.redis, channel, typing_frame(False))
+                await self._best_effort(channel, typing_frame(False))
         return await self._store_and_send(req, ctx, reply_key, completion, channel)
+
+    async def _best_effort(self, channel: str, frame: dict[str, object]) -> None:
+        """A live hint (typing, read ticks): losing one costs nothing, so it never fails the
+        job (a Redis blip right after the model answered used to throw the answer away)."""
+        try:
+            await publish(self.rt.redis, channel, frame)
+        except Exception as exc:
+            log.warning("live update on %s not published (%s)", channel, type(exc).__name__)
 
     async def _context(self, req: AIRequest, reply_key: str) -> _Context | str:
         async with self.rt.sessions() as session:
             conversation = await get_conversation(session, req.conversation_id)
-            if conversation is None or conversation.status != "open":
-                return "no-bot"  # handed to a human (or resolved) since the message came in
+            if conversation is None:
+                return "no-bot"
             existing = await get_message_by_external_id(
                 session, channel_id=conversation.channel_id, external_id=reply_key
             )
             if existing is not None:
                 # An earlier run stored the reply and stopped before handing it on (it was
-                # killed): hand it on, idempotently, instead of answering twice.
-                await self._send(req, existing, session)
+                # killed): hand it on, idempotently, instead of answering twice. Checked before
+                # the status: a reply stored just before an agent took over still goes out.
+                if existing.status == "queued":
+                    await self._send(req, existing, session)
                 return "resent"
+            if conversation.status != "open":
+                return "no-bot"  # handed to a human (or resolved) since the message came in
 
             async def load_bot() -> tuple[ChatbotView, ChatbotSecrets] | None:
                 bot = await get_chatbot(session, req.chatbot_id)
@@ -140,19 +158,16 @@ class AnswerProcessor:
             if loaded is None:
                 return "no-chatbot"
             chatbot, secrets = loaded
+            # What this answer covers: the user messages no reply has answered yet, whenever
+            # they arrived (a follow-up typed during an earlier model call included); the
+            # reply claims exactly these when it is stored.
+            pending = await unanswered_messages(session, conversation.id)
+            if not pending:
+                return "answered"  # an earlier job answered them (or a burst was coalesced)
             recent = await recent_messages(
                 session, conversation.id, limit=self.settings.history_messages
             )
-            # later messages have their own (debounced) job
-            history = [m for m in recent if req.up_to_seq is None or m.seq <= req.up_to_seq]
-            pending: list[MessageView] = []
-            for message in reversed(history):
-                if message.role in ("assistant", "agent"):
-                    break
-                if message.role == "user":
-                    pending.insert(0, message)
-            if not pending:
-                return "answered"  # a newer job already answered these messages
+            history = history_for_prompt(recent)
             question = "\n".join(m.text for m in pending)
             knowledge: list[ChunkHit] = []
             if chatbot.kb_enabled and self.settings.kb_passages:
@@ -238,17 +253,20 @@ class AnswerProcessor:
     ) -> str:
         rt = self.rt
         text = completion.text.strip() if completion is not None else ctx.chatbot.fallback_reply
-        async with rt.sessions() as session, session.begin():
-            result = await insert_message(
-                session,
-                conversation_id=req.conversation_id,
-                role="assistant",
-                text=text,
-                external_id=reply_key,
-                status="queued",
-            )
-            for message in ctx.pending:
-                await update_delivery_status(session, message.id, "read")
+        try:
+            async with rt.sessions() as session, session.begin():
+                result = await store_reply(
+                    session,
+                    conversation_id=req.conversation_id,
+                    answers=[m.id for m in ctx.pending],
+                    text=text,
+                    external_id=reply_key,
+                )
+        except AlreadyAnsweredError:
+            # Another run (a stale lease) answered some of these questions meanwhile: nothing
+            # was stored; run again, without using an attempt, for what is still unanswered.
+            log.warning("conversation %s: answered meanwhile; answering again", req.conversation_id)
+            raise DelayJob(0) from None
         # Only after the commit: a job queued inside the transaction could reach the outgoing
         # worker before the reply is visible to it (PostgreSQL), which then found no message
         # and dropped it. A crash between commit and queueing reruns this job, which finds
@@ -274,7 +292,7 @@ class AnswerProcessor:
             )
         if channel is not None:
             for message in ctx.pending:
-                await publish(rt.redis, channel, status_frame(message.id, "read"))
+                await self._best_effort(channel, status_frame(message.id, "read"))
         return "fallback" if completion is None else "answered"
 
     async def _send(self, req: AIRequest, message: MessageView, session: AsyncSession) -> None:

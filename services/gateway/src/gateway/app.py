@@ -14,6 +14,7 @@ from sqlalchemy import text
 
 from chat_domain import get_chatbot_by_widget_key
 from chat_pipeline import PipelineSettings, Runtime
+from chat_pipeline.reconcile import Reconciler
 from chat_pipeline.supervision import WorkerSet, first_of
 from gateway import widget
 from gateway.errors import ApiError, error_middleware
@@ -52,17 +53,20 @@ async def hub_ctx(app: web.Application) -> AsyncIterator[None]:
 async def workers_ctx(app: web.Application) -> AsyncIterator[None]:
     rt = app[runtime_key]
     workers = WorkerSet([])
+    tasks = []
     if app[settings_key].gateway_role in ("all", "workers"):
         p = rt.pipeline
         await p.configure(p.incoming, p.outgoing, p.maintenance)
         await schedule_maintenance(rt)
         workers = start_workers(rt)
+        tasks.append(asyncio.create_task(Reconciler(rt).run(), name="reconciler"))
     app[workers_key] = workers
-    watcher = asyncio.create_task(_watch(app, workers), name="gateway-workers-watch")
+    tasks.append(asyncio.create_task(_watch(app, workers), name="gateway-workers-watch"))
     yield
-    watcher.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await watcher
+    for task in tasks:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
     await workers.close(10)
 
 

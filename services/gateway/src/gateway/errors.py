@@ -3,11 +3,32 @@
 from __future__ import annotations
 
 import logging
+import traceback
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
+from redis.exceptions import ClusterDownError, ReadOnlyError, RedisClusterException
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as SATimeoutError
 
-__all__ = ["ApiError", "error_middleware"]
+__all__ = ["DEPENDENCY_ERRORS", "ApiError", "error_middleware"]
+
+# A dependency that is down or overloaded (Redis restarting, a database failover, a pool
+# exhausted): the client is told to retry (503 + Retry-After), which the widget does.
+DEPENDENCY_ERRORS: tuple[type[BaseException], ...] = (
+    RedisConnectionError,
+    RedisTimeoutError,
+    ReadOnlyError,
+    RedisClusterException,
+    ClusterDownError,
+    OperationalError,
+    InterfaceError,
+    SATimeoutError,
+    ConnectionError,
+    TimeoutError,
+)
 
 log = logging.getLogger("gateway")
 
@@ -48,7 +69,24 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
             )
             return ApiError(exc.status, code, exc.reason).response()
         raise
-    except Exception:
-        # Never a traceback to the client; the log has it.
-        log.exception("unhandled error on %s %s", request.method, request.path)
+    except DEPENDENCY_ERRORS as exc:
+        log.warning(
+            "%s %s: a dependency is unavailable (%s)", request.method, request.path,
+            type(exc).__name__,
+        )  # fmt: skip
+        return ApiError(
+            503,
+            "unavailable",
+            "the service is briefly unavailable; retry shortly",
+            headers={"Retry-After": "2"},
+        ).response()
+    except Exception as exc:
+        # Never a traceback to the client. The log gets the type and the stack but not the
+        # exception's message, which may quote the request's text (database errors carry
+        # their bound parameters); the message only at debug level.
+        stack = "".join(traceback.format_tb(exc.__traceback__))
+        log.error(
+            "unhandled %s on %s %s\n%s", type(exc).__name__, request.method, request.path, stack
+        )
+        log.debug("unhandled error message: %s", exc)
         return ApiError(500, "internal", "internal error").response()

@@ -35,7 +35,7 @@ from chat_domain.payloads import IncomingMessage
 from chat_pipeline import Runtime
 from chat_pipeline.cache import CONFIG_TTL_S, TTLCache
 from chat_pipeline.live import message_frame, message_json, publish, status_frame, visitor_channel
-from gateway.errors import ApiError
+from gateway.errors import DEPENDENCY_ERRORS, ApiError
 from gateway.keys import hub_key, runtime_key
 
 __all__ = ["WidgetConfigCache", "routes"]
@@ -219,9 +219,9 @@ async def _post_message(request: web.Request) -> web.Response:
         plan = await get_queue_priority(session, target.tenant_id)
     message = result.message
     # A retry of a POST whose first try stored the message but failed before queueing it
-    # (Redis lost, the client saw a 5xx) must still queue it; while the first job exists the
-    # add is a no-op by its job id. Once answered, the message is no longer "received".
-    if not result.duplicate or message.status == "received":
+    # must still queue it; while the first job exists the add is a no-op by its job id. Once
+    # answered, the message is no longer "received".
+    if not result.duplicate or (message.status == "received" and message.reply_id is None):
         incoming = IncomingMessage(
             tenant_id=target.tenant_id,
             chatbot_id=target.chatbot_id,
@@ -234,12 +234,22 @@ async def _post_message(request: web.Request) -> web.Response:
             message_id=message.id,
             conversation_id=message.conversation_id,
         )
-        await rt.pipeline.enqueue_incoming(incoming, plan)
+        try:
+            await rt.pipeline.enqueue_incoming(incoming, plan, requeue=message.requeues)
+        except DEPENDENCY_ERRORS as exc:
+            # Stored is accepted: the reconciler queues a stored, unanswered message that has
+            # no job (docs/architecture.md, "How a message travels"). Not a 5xx for the visitor.
+            log.warning(
+                "message %s stored but not queued (%s); the reconciler will", message.id, exc
+            )
     if not result.duplicate:
-        # other tabs of this visitor show it too
-        await publish(
-            rt.redis, visitor_channel(target.channel_id, visitor_id), message_frame(message)
-        )
+        # other tabs of this visitor show it too (best effort: they also poll on reconnect)
+        try:
+            await publish(
+                rt.redis, visitor_channel(target.channel_id, visitor_id), message_frame(message)
+            )
+        except DEPENDENCY_ERRORS as exc:
+            log.warning("message %s not published to other tabs (%s)", message.id, exc)
     answer = {
         "message_id": str(message.id),
         "conversation_id": str(message.conversation_id),

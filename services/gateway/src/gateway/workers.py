@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict
+import uuid
+from dataclasses import asdict, replace
 from datetime import UTC, datetime
 
 from chat_domain import (
+    AlreadyAnsweredError,
     check_inbound_allowed,
     get_conversation,
     get_message,
@@ -15,9 +17,11 @@ from chat_domain import (
     get_queue_priority,
     insert_message,
     purge_expired,
+    store_reply,
     update_delivery_status,
 )
 from chat_domain.payloads import AIRequest, IncomingMessage, OutgoingMessage
+from chat_domain.types import DELIVERY_STATUS_RANK
 from chat_pipeline import Runtime
 from chat_pipeline.live import message_frame, publish, visitor_channel
 from chat_pipeline.supervision import WorkerSet
@@ -31,7 +35,11 @@ log = logging.getLogger("gateway.workers")
 
 class IncomingProcessor:
     """Store the message (unless the receiving side did), drop duplicates, enforce the plan's
-    limits, count usage, and ask for an answer (debounced per conversation)."""
+    limits, count usage, and ask for an answer (debounced per conversation).
+
+    Runs again safely: the reconciler queues a stored message that is still unanswered once
+    more (a job lost with Redis' data), and a message some reply already answered is left
+    alone."""
 
     def __init__(self, rt: Runtime) -> None:
         self.rt = rt
@@ -72,6 +80,8 @@ class IncomingProcessor:
                 if found is None:
                     raise UnrecoverableError(f"conversation {message.conversation_id} is gone")
                 conversation = found
+                if message.reply_id is not None:
+                    return "answered"  # queued again, but a reply answered it meanwhile
             if conversation.status != "open":
                 return "no-bot"  # a human agent has the conversation (or it was resolved)
             quota = await check_inbound_allowed(
@@ -79,14 +89,16 @@ class IncomingProcessor:
             )
             plan = quota.priority
             if not quota.allowed:
-                stored_reply = await insert_message(
-                    session,
-                    conversation_id=conversation.id,
-                    role="assistant",
-                    text=quota.reply_text or "",
-                    external_id=f"limit:{message.id}",
-                    status="queued",
-                )
+                try:
+                    stored_reply = await store_reply(
+                        session,
+                        conversation_id=conversation.id,
+                        answers=[message.id],
+                        text=quota.reply_text or "",
+                        external_id=f"limit:{message.id}",
+                    )
+                except AlreadyAnsweredError:
+                    return "answered"
                 limit_reply = stored_reply.message
         rt.usage.record(msg.tenant_id, "message_in", dedupe_key=f"in:{message.id}")
         if limit_reply is not None:
@@ -112,6 +124,7 @@ class IncomingProcessor:
                 conversation_id=conversation.id,
                 up_to_message_id=message.id,
                 up_to_seq=message.seq,
+                request_id=uuid.uuid4(),
             ),
             plan,
             debounce_ms=s.debounce_ms,
@@ -124,7 +137,11 @@ class IncomingProcessor:
 
 class OutgoingProcessor:
     """Route a stored reply to its channel: widget replies go live to the visitor's sockets
-    (delivered when the browser acknowledges them); WhatsApp replies go to their senders."""
+    (delivered when the browser acknowledges them); WhatsApp replies go to their senders.
+
+    Whether a reply went out is recorded in the database (``sent``) and checked first, so a
+    rerun, a requeue by the reconciler or a job id that outlived its retention never
+    publishes (or sends) a reply twice."""
 
     def __init__(self, rt: Runtime) -> None:
         self.rt = rt
@@ -132,29 +149,33 @@ class OutgoingProcessor:
     async def __call__(self, job: Job) -> str:
         rt = self.rt
         out = OutgoingMessage.model_validate(job.data)
+        async with rt.sessions() as session:
+            message = await get_message(session, out.message_id)
+        if message is None:
+            return "gone"
+        if DELIVERY_STATUS_RANK[message.status] >= DELIVERY_STATUS_RANK["sent"]:
+            return "already-sent"
         if out.channel_kind == "widget":
-            async with rt.sessions() as session, session.begin():
-                await update_delivery_status(session, out.message_id, "sent")
-                message = await get_message(session, out.message_id)
-            if message is None:
-                return "gone"
+            # Published before it is marked: a crash in between publishes it once more (the
+            # widget drops a message id it already shows), never zero times.
             await publish(
                 rt.redis,
                 visitor_channel(out.channel_id, out.recipient_external_id),
-                message_frame(message),
+                message_frame(replace(message, status="sent")),
             )
+            async with rt.sessions() as session, session.begin():
+                await update_delivery_status(session, out.message_id, "sent")
             rt.usage.record(out.tenant_id, "message_out", dedupe_key=f"out:{out.message_id}")
             return "published"
         queue = rt.pipeline.channel_queue(out.channel_kind)
         if queue is None:
             raise UnrecoverableError(f"no sender for channel kind {out.channel_kind!r}")
-        async with rt.sessions() as session, session.begin():
+        async with rt.sessions() as session:
             plan = await get_queue_priority(session, out.tenant_id)
-            await update_delivery_status(session, out.message_id, "queued")
         await queue.add(
             "send",
             out.model_dump(mode="json"),
-            job_id=f"send:{out.message_id}",
+            job_id=f"send:{out.message_id}" + (f":{message.requeues}" if message.requeues else ""),
             group=f"{out.tenant_id}:{out.conversation_id}",
             priority=plan.priority,
             group_weight=plan.weight,

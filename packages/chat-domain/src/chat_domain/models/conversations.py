@@ -77,10 +77,19 @@ class Conversation(UUIDPrimaryKey, CreatedAt, Base):
     contact: Mapped[Contact] = relationship(lazy="raise")
 
 
+_UNANSWERED = text("role = 'user' AND reply_id IS NULL")
+_QUEUED = text("status = 'queued'")
+
+
 class Message(UUIDPrimaryKey, CreatedAt, Base):
     """One message. ``seq`` is strictly increasing within the conversation (in commit order), the
     cursor of ``messages_since``. ``external_id`` is the channel's message id (wamid, widget
-    client id); unique per channel, NULL for messages without one."""
+    client id); unique per channel, NULL for messages without one.
+
+    ``reply_id`` records which reply (bot, limit or fallback reply, or an agent's) answered a
+    user message; NULL while it is unanswered. What a reply answers is this explicit record, not
+    a comparison of sequence numbers assigned at different times. ``requeues`` counts how often
+    the reconciler had to queue the message (or the reply) again."""
 
     __tablename__ = "messages"
     __table_args__ = (
@@ -89,6 +98,27 @@ class Message(UUIDPrimaryKey, CreatedAt, Base):
         UniqueConstraint("conversation_id", "seq"),
         UniqueConstraint("channel_id", "external_id"),
         Index("ix_messages_tenant_id_created_at", "tenant_id", "created_at"),
+        # the conversation's unanswered questions (the AI job's input), and the reconciler's
+        # scans: unanswered questions and undelivered replies by age (both stay small)
+        Index(
+            "ix_messages_unanswered_conversation",
+            "conversation_id",
+            "seq",
+            sqlite_where=_UNANSWERED,
+            postgresql_where=_UNANSWERED,
+        ),
+        Index(
+            "ix_messages_unanswered_created_at",
+            "created_at",
+            sqlite_where=_UNANSWERED,
+            postgresql_where=_UNANSWERED,
+        ),
+        Index(
+            "ix_messages_queued_created_at",
+            "created_at",
+            sqlite_where=_QUEUED,
+            postgresql_where=_QUEUED,
+        ),
     )
 
     tenant_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
@@ -104,5 +134,7 @@ class Message(UUIDPrimaryKey, CreatedAt, Base):
     status_updated_at: Mapped[datetime] = mapped_column(default=utcnow)
     error_code: Mapped[str | None] = mapped_column(String(100))
     error_text: Mapped[str | None] = mapped_column(Text)
+    reply_id: Mapped[uuid.UUID | None] = mapped_column(default=None)
+    requeues: Mapped[int] = mapped_column(default=0, server_default="0")
 
     conversation: Mapped[Conversation] = relationship(lazy="raise")

@@ -1,0 +1,215 @@
+"""The reconciler: the database is the pipeline's outbox.
+
+Every message the platform accepted is a row before anything is queued. A stored user message
+that no reply has answered (in a conversation the bot answers) and a stored reply still
+``queued`` are work the queues owe. When such a row is older than `after` (times the number of
+times it was already requeued, plus one), the job that should carry it was lost — Redis lost
+its data (``appendfsync everysec``, a failover), a process died between the commit and the
+enqueue, a job failed for good — so the reconciler queues it again under a new job id. After
+`max_requeues` attempts it gives up explicitly: the questions get the chatbot's fallback reply,
+a reply that cannot be handed on is marked ``failed``. Nothing is left in silence.
+
+Queueing again is always safe: the incoming step skips an answered message, an answer claims
+only unanswered questions, and a reply already ``sent`` is never published or sent again.
+One gateway process per interval does the work (a Redis lock); the scan reads two small
+partial indexes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from dataclasses import dataclass
+from datetime import timedelta
+
+from chat_domain import (
+    AlreadyAnsweredError,
+    OwedMessage,
+    QueuePriority,
+    get_chatbot,
+    get_queue_priority,
+    note_requeued,
+    owed_questions,
+    owed_replies,
+    store_reply,
+    unanswered_messages,
+    update_delivery_status,
+)
+from chat_domain.models import utcnow
+from chat_domain.payloads import IncomingMessage, OutgoingMessage
+from chat_pipeline.runtime import Runtime
+
+__all__ = ["ReconcileResult", "Reconciler"]
+
+log = logging.getLogger("chat_pipeline.reconcile")
+
+LOCK_KEY = "chat:reconcile:lock"
+
+
+@dataclass(frozen=True, slots=True)
+class ReconcileResult:
+    questions_requeued: int = 0
+    replies_requeued: int = 0
+    fallbacks: int = 0  # conversations whose questions got the fallback reply
+    replies_failed: int = 0
+    skipped: bool = False  # another process held the lock
+
+
+class Reconciler:
+    def __init__(self, rt: Runtime) -> None:
+        s = rt.settings
+        self.rt = rt
+        self.interval = s.reconcile_interval_ms / 1000
+        self.after = timedelta(milliseconds=s.reconcile_after_ms)
+        self.max_requeues = s.reconcile_max_requeues
+        self.lookback = timedelta(hours=s.reconcile_lookback_h)
+        self.last_run_at = 0.0
+
+    async def run(self) -> None:
+        """Reconcile every interval until cancelled; no error ends the loop."""
+        while True:
+            try:
+                result = await self.run_once()
+                if result != ReconcileResult() and not result.skipped:
+                    log.warning("reconciler: %s", result)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("reconciler run failed (%s: %s)", type(exc).__name__, exc)
+            await asyncio.sleep(self.interval)
+
+    async def run_once(self, *, lock: bool = True) -> ReconcileResult:
+        if lock and not await self.rt.redis.set(
+            LOCK_KEY, "1", nx=True, px=max(1, int(self.interval * 900))
+        ):
+            return ReconcileResult(skipped=True)
+        self.last_run_at = asyncio.get_running_loop().time()
+        now = utcnow()
+        since = now - self.lookback
+        async with self.rt.sessions() as session:
+            questions = await owed_questions(session, older_than=now - self.after, since=since)
+            replies = await owed_replies(session, older_than=now - self.after, since=since)
+        plans: dict[uuid.UUID, QueuePriority] = {}
+        requeued_q = requeued_r = fallbacks = failed = 0
+        fallen: set[uuid.UUID] = set()
+        for owed in questions:
+            if not self._due(owed):
+                continue
+            if owed.message.requeues >= self.max_requeues:
+                if owed.message.conversation_id not in fallen:
+                    fallen.add(owed.message.conversation_id)
+                    fallbacks += await self._fall_back(owed, plans)
+                continue
+            await self._requeue_question(owed, plans)
+            requeued_q += 1
+        for owed in replies:
+            if not self._due(owed):
+                continue
+            if owed.message.requeues >= self.max_requeues:
+                async with self.rt.sessions() as session, session.begin():
+                    await update_delivery_status(
+                        session,
+                        owed.message.id,
+                        "failed",
+                        error_code="undeliverable",
+                        error_text=f"not handed on after {owed.message.requeues} requeues",
+                    )
+                log.error("reply %s could not be handed on; marked failed", owed.message.id)
+                failed += 1
+                continue
+            await self._requeue_reply(owed, plans)
+            requeued_r += 1
+        return ReconcileResult(requeued_q, requeued_r, fallbacks, failed)
+
+    def _due(self, owed: OwedMessage) -> bool:
+        # each requeue waits one more `after` before the next: a slow but working pipeline
+        # (model retries) is not flooded with duplicate jobs
+        age = utcnow() - owed.message.created_at
+        return age >= self.after * (owed.message.requeues + 1)
+
+    async def _plan(
+        self, tenant_id: uuid.UUID, plans: dict[uuid.UUID, QueuePriority]
+    ) -> QueuePriority:
+        if tenant_id not in plans:
+            async with self.rt.sessions() as session:
+                plans[tenant_id] = await get_queue_priority(session, tenant_id)
+        return plans[tenant_id]
+
+    async def _requeue_question(
+        self, owed: OwedMessage, plans: dict[uuid.UUID, QueuePriority]
+    ) -> None:
+        m = owed.message
+        plan = await self._plan(owed.tenant_id, plans)
+        async with self.rt.sessions() as session, session.begin():
+            await note_requeued(session, [m.id])
+        await self.rt.pipeline.enqueue_incoming(
+            IncomingMessage(
+                tenant_id=owed.tenant_id,
+                chatbot_id=owed.chatbot_id,
+                channel_id=m.channel_id,
+                channel_kind=owed.channel_kind,
+                external_user_id=owed.recipient,
+                text=m.text,
+                external_message_id=m.external_id,
+                received_at=m.created_at,
+                message_id=m.id,
+                conversation_id=m.conversation_id,
+            ),
+            plan,
+            requeue=m.requeues + 1,
+        )
+
+    async def _requeue_reply(
+        self, owed: OwedMessage, plans: dict[uuid.UUID, QueuePriority]
+    ) -> None:
+        m = owed.message
+        plan = await self._plan(owed.tenant_id, plans)
+        async with self.rt.sessions() as session, session.begin():
+            await note_requeued(session, [m.id])
+        await self.rt.pipeline.enqueue_outgoing(
+            _outgoing(owed, m.id, m.text), plan, requeue=m.requeues + 1
+        )
+
+    async def _fall_back(self, owed: OwedMessage, plans: dict[uuid.UUID, QueuePriority]) -> int:
+        """The pipeline failed this conversation's questions `max_requeues` times: answer them
+        with the chatbot's fallback reply (explicit, visible), once."""
+        m = owed.message
+        try:
+            async with self.rt.sessions() as session, session.begin():
+                bot = await get_chatbot(session, owed.chatbot_id)
+                pending = await unanswered_messages(session, m.conversation_id)
+                if bot is None or not pending:
+                    return 0
+                reply = await store_reply(
+                    session,
+                    conversation_id=m.conversation_id,
+                    answers=[p.id for p in pending],
+                    text=bot.fallback_reply,
+                    external_id=f"fallback:{pending[0].id}",
+                )
+        except AlreadyAnsweredError:
+            return 0
+        log.error(
+            "conversation %s: %d questions unanswered after %d requeues; fallback reply sent",
+            m.conversation_id,
+            len(pending),
+            m.requeues,
+        )
+        plan = await self._plan(owed.tenant_id, plans)
+        await self.rt.pipeline.enqueue_outgoing(
+            _outgoing(owed, reply.message.id, reply.message.text), plan
+        )
+        return 1
+
+
+def _outgoing(owed: OwedMessage, message_id: uuid.UUID, text: str) -> OutgoingMessage:
+    return OutgoingMessage(
+        tenant_id=owed.tenant_id,
+        conversation_id=owed.message.conversation_id,
+        message_id=message_id,
+        channel_id=owed.message.channel_id,
+        channel_kind=owed.channel_kind,
+        recipient_external_id=owed.recipient,
+        text=text,
+    )
