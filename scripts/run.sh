@@ -2,7 +2,8 @@
 # The one command that runs the platform (`make run`): installs from the lockfile, then starts
 # an embedded Valkey, SQLite (migrated), a demo tenant/chatbot/knowledge base and every service.
 # Data lives in .data/ (PLATFORM_DATA_DIR); the gateway listens on 127.0.0.1:8080
-# (GATEWAY_HOST/GATEWAY_PORT). Ctrl-C stops everything.
+# (GATEWAY_HOST/GATEWAY_PORT; a taken port is reported before anything starts). Ctrl-C,
+# SIGTERM or closing the terminal stops everything (docs/operations.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # compiled bytecode: each service starts in ~3 s of CPU instead of ~7 s where

@@ -19,6 +19,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 
+from devstack.lifetime import die_with_parent
+
 __all__ = ["RedisCluster", "RedisServer", "ServerError", "find_server_binary", "free_port"]
 
 
@@ -76,6 +78,8 @@ class RedisServer:
 
     `persist=True` turns on AOF (fsync every second) in `data_dir`, so `restart()` keeps every
     acknowledged write older than a second and a clean `stop()` keeps everything.
+    `die_with_parent=True`: the server gets SIGTERM when the process that started it dies
+    (Linux), so a killed launcher leaves no server behind.
     """
 
     def __init__(
@@ -87,6 +91,7 @@ class RedisServer:
         extra_args: Sequence[str] = (),
         host: str = "127.0.0.1",
         log_name: str = "server.log",
+        die_with_parent: bool = False,
     ) -> None:
         self.host = host
         self.port = port or free_port(host)
@@ -96,6 +101,7 @@ class RedisServer:
         self.persist = persist
         self.extra_args = list(extra_args)
         self.log_path = self.data_dir / log_name
+        self.die_with_parent = die_with_parent
         self._process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -139,6 +145,7 @@ class RedisServer:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
             start_new_session=True,  # Ctrl-C in a terminal reaches our launcher, not the server
+            preexec_fn=die_with_parent() if self.die_with_parent else None,
         )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
