@@ -27,7 +27,7 @@ Checks:
   no guess about which waiting jobs it could take; the report says how many were waiting. The
   monitor keeps watching for `wedge_after` after the drain, for a worker that wedged near the
   end, when nothing was waiting any more;
-- every worker process exits cleanly on SIGTERM;
+- every worker process exits cleanly on SIGTERM, within its shutdown timeout (+2 s);
 - each job id is in exactly one state (`check_consistency`).
 """
 
@@ -57,6 +57,7 @@ from queue_core import (
 )
 
 from .helpers import check_consistency
+from .soak_worker import SHUTDOWN_TIMEOUT
 
 WORKER_SCRIPT = Path(__file__).with_name("soak_worker.py")
 BAD_BACKOFF = ("nan", "inf", "neg", "huge", "raise", "huge-fixed")
@@ -263,7 +264,6 @@ class Soak:
         self.reports: dict[int, dict[str, Any]] = {}
         self.t0 = 0.0
         self.added = 0
-        self.add_errors: list[str] = []
 
     # -- processes --------------------------------------------------------------------------
 
@@ -305,13 +305,16 @@ class Soak:
         for w in self.workers:
             if w.proc.returncode is None:
                 w.proc.send_signal(signal.SIGTERM)
-        for w in self.workers:
+
+        async def reap(w: WorkerProc) -> None:
             try:
                 w.exit_code = await asyncio.wait_for(w.proc.wait(), 20)
             except TimeoutError:
                 w.killed = True
                 w.proc.kill()
                 w.exit_code = await asyncio.wait_for(w.proc.wait(), 10)
+
+        await asyncio.gather(*(reap(w) for w in self.workers))
 
     def _log_tail(self, w: WorkerProc, n: int) -> str:
         try:
@@ -404,7 +407,7 @@ class Soak:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), self.cfg.monitor_interval)
 
-    async def _drained(self) -> tuple[bool, dict[str, Any]]:
+    async def _drained(self) -> bool:
         counts = await self._sample()
         bad_added = sum(1 for s in self.workload.specs.values() if s.bad and s.rejected is None)
         done = (
@@ -414,7 +417,7 @@ class Soak:
             and counts["delayed"] <= bad_added
             and counts["completed"] + counts["failed"] + counts["delayed"] >= self.added
         )
-        return done, counts
+        return bool(done)
 
     # -- the run ----------------------------------------------------------------------------
 
@@ -430,7 +433,7 @@ class Soak:
             produced_at = time.monotonic()
             deadline = produced_at + cfg.drain_timeout
             while True:
-                drained, counts = await self._drained()
+                drained = await self._drained()
                 if drained or time.monotonic() > deadline:
                     break
                 await asyncio.sleep(0.1)
@@ -445,7 +448,7 @@ class Soak:
             stop_monitor.set()
             await monitor
             await self.stop_workers()
-        return await self._verify(drained, counts, drain_s, elapsed, left)
+        return await self._verify(drained, drain_s, elapsed, left)
 
     async def _left_over(self) -> dict[str, list[str]]:
         left: dict[str, list[str]] = {}
@@ -474,7 +477,6 @@ class Soak:
     async def _verify(
         self,
         drained: bool,
-        counts: dict[str, Any],
         drain_s: float,
         elapsed: float,
         left: dict[str, list[str]],
@@ -486,9 +488,14 @@ class Soak:
 
         def listing(title: str, items: list[str], limit: int = 25) -> None:
             details.append(f"{title} ({len(items)}):")
-            details.extend(f"    {x}" for x in items[:limit])
-            if len(items) > limit:
-                details.append(f"    ... and {len(items) - limit} more")
+            if len(items) <= limit:
+                details.extend(f"    {x}" for x in items)
+                return
+            # the first and the last ones: how it started, and how it ended
+            head = limit // 2
+            details.extend(f"    {x}" for x in items[:head])
+            details.append(f"    ... {len(items) - limit} more ...")
+            details.extend(f"    {x}" for x in items[head - limit :])
 
         def spec_of(job_id: str) -> str:
             s = self.workload.specs.get(job_id)
@@ -526,6 +533,7 @@ class Soak:
                     max(self.max_gap.get(w.index, 0.0), rep.get("max_gap", 0.0)), 3
                 ),
                 "exit_code": w.exit_code,
+                "close_s": rep.get("close_s"),
             }
             if w.killed:
                 problems.append(f"worker {w.index} ignored SIGTERM for 20s and was killed")
@@ -533,6 +541,11 @@ class Soak:
                 problems.append(f"worker {w.index} exited with {w.exit_code}")
             if w.index not in finals:
                 problems.append(f"worker {w.index} wrote no final report (its stats are stale)")
+            elif (rep.get("close_s") or 0) > SHUTDOWN_TIMEOUT + 2:
+                problems.append(
+                    f"worker {w.index} took {rep['close_s']}s to close after SIGTERM (running "
+                    f"jobs are at most {SHUTDOWN_TIMEOUT:.0f}s; close(timeout) should not hang)"
+                )
             if wstats.get("lost", 0):
                 problems.append(
                     f"worker {w.index} (concurrency {w.concurrency}) reported "
@@ -545,8 +558,9 @@ class Soak:
             problems.append(
                 f"worker {wedge.index} (concurrency {w.concurrency}) wedged "
                 f"{wedge.first_seen_s:.1f}s into the run: {wedge.reason}; episodes "
-                f"{wedge.episodes}; active {rep.get('active')}, since last fetch "
-                f"{rep.get('since_fetch', 0):.1f}s, stats {rep.get('stats')}; queue "
+                f"{wedge.episodes}; active {rep.get('active')} (in the processor, with age: "
+                f"{rep.get('attempts')}), since last fetch {rep.get('since_fetch', 0):.1f}s, "
+                f"stats {rep.get('stats')}; queue "
                 f"waiting={wedge.counts.get('waiting')} active={wedge.counts.get('active')} "
                 f"delayed={wedge.counts.get('delayed')}"
             )

@@ -15,7 +15,8 @@ Per attempt the processor records, under `test:<queue>:`:
   overlap      list  attempts that started while another attempt of their group was running
 Every `report_interval` seconds the process writes its state as JSON to the hash field
 `test:<queue>:report` / <index> (see `_snapshot`), and a last one with `final: true` after
-the worker has closed. Prints "ready" once the worker has started.
+the worker has closed (with how long close() took after SIGTERM). Prints "ready" once the
+worker has started.
 """
 
 from __future__ import annotations
@@ -25,11 +26,15 @@ import json
 import logging
 import math
 import os
+import signal
 import sys
 import time
 from typing import Any
 
 from queue_core import Job, Queue, UnrecoverableError, Worker, connect
+
+SHUTDOWN_TIMEOUT = 5.0
+log = logging.getLogger("soak")
 
 # Values the "soak" backoff strategy returns, by the job's `bv`. The last five are bad values
 # a strategy could return; they must not wedge a worker, kill one of its loops or leave the
@@ -69,13 +74,17 @@ class SoakWorker:
             lock_renew_interval=cfg["lock_renew_interval"],
             stalled_interval=cfg["stalled_interval"],
             drain_delay=cfg["drain_delay"],
-            shutdown_timeout=5.0,
+            shutdown_timeout=SHUTDOWN_TIMEOUT,
             backoff_strategies={"soak": soak_backoff},
             name=f"soak-{cfg['index']}",
         )
         self.free_since: float | None = None
         self.max_gap = 0.0
         self.samples = 0
+        self.attempts: dict[str, tuple[str, float]] = {}  # running attempts: job id, since
+        self.close_started: float | None = None
+        self.close_s: float | None = None
+        self._close_task: asyncio.Task[None] | None = None
 
     async def process(self, job: Job) -> Any:
         d = job.data
@@ -85,6 +94,7 @@ class SoakWorker:
         # middle of the pipeline below (its lease was lost) still leaves the set right, since
         # removing a member that was never added is harmless.
         me = f"{job.id}@{job.token}"
+        self.attempts[me] = (job.id, time.monotonic())
         try:
             pipe = self.redis.pipeline(transaction=False)
             pipe.hincrby(self.k + "runs", job.id, 1)
@@ -113,8 +123,11 @@ class SoakWorker:
                 await self.redis.rpush(self.k + f"done:{group}", d["s"])
             return d.get("s", 0)
         finally:
-            if group is not None:
-                await self.redis.srem(self.k + f"inflight:{group}", me)
+            try:
+                if group is not None:
+                    await self.redis.srem(self.k + f"inflight:{group}", me)
+            finally:
+                self.attempts.pop(me, None)
 
     def _snapshot(self, final: bool) -> dict[str, Any]:
         """The process's view of its worker. `gap` is how long the worker has had a free slot
@@ -123,7 +136,8 @@ class SoakWorker:
         w = self.worker
         now = time.monotonic()
         gap = 0.0
-        if w.active_count < w.concurrency and w.running and not final:
+        closing = self.close_started is not None
+        if w.active_count < w.concurrency and w.running and not closing and not final:
             if self.free_since is None:
                 self.free_since = now
             gap = min(now - self.free_since, w.seconds_since_last_fetch)
@@ -131,6 +145,7 @@ class SoakWorker:
             self.free_since = None
         self.max_gap = max(self.max_gap, gap)
         self.samples += 1
+        oldest = sorted(self.attempts.values(), key=lambda a: a[1])[:5]
         return {
             "index": self.cfg["index"],
             "pid": os.getpid(),
@@ -143,6 +158,10 @@ class SoakWorker:
             "max_gap": self.max_gap,
             "samples": self.samples,
             "stats": dict(w.stats),
+            # the processor's view: attempts still inside it, oldest first, with their age
+            "attempts": [[job_id, round(now - since, 2)] for job_id, since in oldest],
+            "closing": closing,
+            "close_s": self.close_s,
             "final": final,
         }
 
@@ -157,15 +176,31 @@ class SoakWorker:
             try:
                 await self._report()
             except Exception:
-                logging.getLogger("soak").exception("soak worker: report failed")
+                log.exception("soak worker: report failed")
             await asyncio.sleep(self.cfg["report_interval"])
 
+    def _on_sigterm(self) -> None:
+        # Handled here rather than by Worker.run(handle_signals=True) to time the close and to
+        # stop counting the fetch gap while closing (a closing worker fetches no more work).
+        if self._close_task is not None:
+            return
+        self.close_started = time.monotonic()
+        self._close_task = asyncio.create_task(self.worker.close(SHUTDOWN_TIMEOUT))
+        self._close_task.add_done_callback(self._closed)
+
+    def _closed(self, task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            log.error("soak worker: close() failed", exc_info=task.exception())
+
     async def run(self) -> None:
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, self._on_sigterm)
         self.worker.start()
         reporter = asyncio.create_task(self.report_loop())
         print("ready", flush=True)
         try:
-            await self.worker.run(handle_signals=True)
+            await self.worker.run()
+            if self.close_started is not None:
+                self.close_s = round(time.monotonic() - self.close_started, 2)
         finally:
             reporter.cancel()
             try:
