@@ -587,3 +587,32 @@ async def test_dead_letters_are_capped_and_their_depth_is_a_metric(
     await check_consistency(dlq)
     body = await render_prometheus([q])
     assert f'queue_dead_letter_jobs{{queue="{queue_name}"}} 5' in body
+
+
+async def test_a_job_whose_lease_is_lost_before_it_starts_frees_its_slot(
+    redis: RedisClient, queue_name: str
+) -> None:
+    """A job task cancelled before its first step never runs its own cleanup: its slot must
+    still be freed (concurrency 1 would wedge)."""
+    q = Queue(queue_name, redis)
+    ran: list[str] = []
+
+    async def proc(job: Job) -> str:
+        ran.append(job.name)
+        return "ok"
+
+    worker = Worker(q, proc, concurrency=1, lock_duration=1000)
+    original = worker._start
+
+    def start_then_lose(job_id: str, token: str, flat: list[Any]) -> None:
+        original(job_id, token, flat)
+        if job_id == first.id and len(ran) == 0 and worker._held.get(job_id) == token:
+            worker._lease_lost(job_id)  # the loss is seen before the task's first step
+
+    worker._start = start_then_lose  # type: ignore[method-assign]
+    first = await q.add("first", None)
+    worker.start()
+    second = await q.add("second", None)
+    assert await q.wait_until_finished(second.id, 5) == "ok"
+    assert worker.active_count == 0
+    await worker.close(5)

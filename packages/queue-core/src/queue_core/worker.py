@@ -466,7 +466,24 @@ class Worker:
             self._pending.append([job_id, token, "l", 0, ""])
             self._wake.set()
             return
-        self._running[job_id] = (job, asyncio.create_task(self._execute(job)))
+        task = asyncio.create_task(self._execute(job))
+        task.add_done_callback(self._never_started)
+        self._running[job_id] = (job, task)
+
+    def _never_started(self, task: asyncio.Task[None]) -> None:
+        """A job task cancelled before its first step never runs `_execute`'s cleanup (a lease
+        lost, or close(), right after the lease): free its slot and settle its lease here."""
+        for job_id, (job, running) in list(self._running.items()):
+            if running is task:
+                del self._running[job_id]
+                token = job.token or ""
+                if token in self._lost:
+                    self._lost.discard(token)
+                    self._release_hold(job_id, token)
+                else:
+                    self._pending.append([job_id, token, "l", 0, ""])
+                self._wake.set()
+                return
 
     def _receive(self, raw: bytes | str) -> None:
         """A handoff from the inbox: a leased job as JSON [id, token, flat hash], or '' (poke)."""
