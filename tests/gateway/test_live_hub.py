@@ -21,7 +21,13 @@ from aiohttp import WSMsgType, WSServerHandshakeError
 from aiohttp.test_utils import TestServer
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from chat_domain import create_engine, create_session_factory, find_channel_by_widget_key
+from chat_domain import (
+    ConfigError,
+    create_engine,
+    create_session_factory,
+    find_channel_by_widget_key,
+)
+from chat_pipeline import PipelineSettings
 from chat_pipeline.live import visitor_channel
 from devstack import RedisServer
 from gateway.app import create_app
@@ -313,3 +319,26 @@ async def test_a_socket_flooding_frames_is_closed_with_policy_violation(
         with pytest.raises(asyncio.TimeoutError):
             await calm.receive(timeout=0.3)
         await calm.close()
+
+
+def test_socket_limits_are_read_from_the_environment() -> None:
+    settings = PipelineSettings.from_env(
+        {
+            "WIDGET_WS_MAX_PER_IP": "3",
+            "WIDGET_WS_FRAME_RATE": "2.5",
+            "WIDGET_WS_FRAME_BURST": "7",
+            "WIDGET_WS_SEND_QUEUE": "9",
+            "WIDGET_WS_SEND_TIMEOUT_S": "0.5",
+        }
+    )
+    assert (settings.ws_max_per_ip, settings.ws_frame_rate, settings.ws_frame_burst) == (3, 2.5, 7)
+    assert (settings.ws_send_queue, settings.ws_send_timeout_s) == (9, 0.5)
+    defaults = PipelineSettings.from_env({})
+    assert (defaults.ws_max_per_ip, defaults.ws_send_queue, defaults.ws_send_timeout_s) == (
+        20,
+        256,
+        5.0,
+    )
+    for name, bad in (("WIDGET_WS_MAX_PER_IP", "0"), ("WIDGET_WS_SEND_TIMEOUT_S", "soon")):
+        with pytest.raises(ConfigError, match=name):
+            PipelineSettings.from_env({name: bad})

@@ -71,12 +71,12 @@ class LiveSocket:
         "_max_queue",
         "_queue",
         "_request",
-        "_send_timeout",
         "_task",
         "_wakeup",
         "channel",
         "dropped",
         "ip",
+        "sending_since",
         "ws",
     )
 
@@ -88,15 +88,16 @@ class LiveSocket:
         ip: str,
         *,
         max_queue: int,
-        send_timeout: float,
     ) -> None:
         self.ws = ws
         self.channel = channel
         self.ip = ip
         self.dropped = False
+        # loop time at which the send in progress started (0: none); the hub's watchdog
+        # aborts a socket whose send has waited too long (no timer per frame)
+        self.sending_since = 0.0
         self._request = request
         self._max_queue = max_queue
-        self._send_timeout = send_timeout
         self._queue: deque[str] = deque()
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -139,6 +140,9 @@ class LiveSocket:
     async def close(self, code: int, message: bytes, timeout: float) -> None:
         """Say goodbye with `code`; a client that does not answer within `timeout` is cut."""
         await self.stop()
+        if not self.ws.prepared:  # between joining and the 101: nothing to say goodbye on
+            self.drop("closing before the upgrade")
+            return
         try:
             async with asyncio.timeout(timeout):
                 await self.ws.close(code=code, message=message)
@@ -148,6 +152,7 @@ class LiveSocket:
             log.debug("closing a live socket failed: %r", exc)
 
     async def _write(self) -> None:
+        loop = asyncio.get_running_loop()
         try:
             while True:
                 await self._wakeup.wait()
@@ -155,10 +160,9 @@ class LiveSocket:
                 while self._queue:
                     text = self._queue.popleft()
                     # a send waits only while the kernel and transport buffers are full
-                    async with asyncio.timeout(self._send_timeout):
-                        await self.ws.send_str(text)
-        except TimeoutError:
-            self.drop(f"a send took over {self._send_timeout} s")
+                    self.sending_since = loop.time()
+                    await self.ws.send_str(text)
+                self.sending_since = 0.0
         except (ConnectionError, RuntimeError):
             pass  # the socket closed; its handler leaves the hub
         except Exception:
@@ -185,16 +189,20 @@ class LiveHub:
         self._closing = False
         self._sockets: dict[str, set[LiveSocket]] = {}
         self._per_ip: Counter[str] = Counter()
-        self._task: asyncio.Task[None] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
 
     async def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="live-hub")
+        self._tasks = [
+            asyncio.create_task(self._run(), name="live-hub"),
+            asyncio.create_task(self._watch(), name="live-hub-watchdog"),
+        ]
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+                await task
         for sockets in list(self._sockets.values()):
             for sock in list(sockets):
                 await sock.stop()
@@ -233,7 +241,6 @@ class LiveHub:
             channel,
             ip,
             max_queue=self._send_queue,
-            send_timeout=self._send_timeout,
         )
         self._per_ip[ip] += 1
         group = self._sockets.setdefault(channel, set())
@@ -312,6 +319,21 @@ class LiveHub:
             connection.deregister_connect_callback(self._reconnected)
         with contextlib.suppress(Exception):
             await pubsub.aclose()
+
+    async def _watch(self) -> None:
+        """Abort sockets whose current send has waited longer than the send timeout."""
+        loop = asyncio.get_running_loop()
+        interval = min(1.0, self._send_timeout / 4)
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                limit = loop.time() - self._send_timeout
+                for group in list(self._sockets.values()):
+                    for sock in list(group):
+                        if 0.0 < sock.sending_since < limit:
+                            sock.drop(f"a send took over {self._send_timeout} s")
+            except Exception:
+                log.exception("live hub watchdog failed; trying again")
 
     async def _read(self, pubsub: Any) -> None:
         while True:
