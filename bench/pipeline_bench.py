@@ -513,6 +513,7 @@ async def start_and_run(args: argparse.Namespace, data_dir: Path) -> dict[str, A
             "PIPELINE_DEBOUNCE_MS": "0",
             "WIDGET_VISITOR_RATE": "1000000",
             "WIDGET_IP_RATE": "100000000",
+            "WIDGET_WS_MAX_PER_IP": "100000",  # every visitor here is 127.0.0.1
             "LOG_LEVEL": "WARNING",
             "BENCH_COUNTS_DIR": str(counts_dir),
             "LLM_API_KEY": "bench-key",

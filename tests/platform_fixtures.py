@@ -69,6 +69,7 @@ def platform(fake_llm: FakeLLM, tmp_path_factory: pytest.TempPathFactory) -> Ite
         "QUEUE_STALLED_INTERVAL_MS": "300",
         "WIDGET_VISITOR_RATE": "1000",
         "WIDGET_IP_RATE": "100000",
+        "WIDGET_WS_MAX_PER_IP": "100000",  # every visitor here is 127.0.0.1
         "LOG_LEVEL": "INFO",
     }
     data_dir: Path = tmp_path_factory.mktemp("platform")

@@ -227,6 +227,27 @@ async def test_gap_in_live_messages_is_filled_on_reconnect(
     )
 
 
+async def test_resync_frame_fetches_what_the_socket_missed(
+    page: Page, stub_url: str, widget_stub: WidgetStub
+) -> None:
+    await page.goto(f"{stub_url}/demo/{KEY}")
+    widget = Widget(page)
+    await widget.open()
+    await widget.send("Hello")
+    await expect(widget.replies).to_have_count(1)
+    await widget.online()
+    visitor = await widget.visitor_id()
+    # published while the gateway's pub/sub connection was away: no later live message
+    # reveals the gap
+    widget_stub.add_message(KEY, visitor, "agent", "(lost push)", push=False)
+    gets_before = len(widget_stub.recorded("get"))
+    assert widget_stub.resync(KEY, visitor) == 1
+    await expect(widget.all_texts).to_have_text(["Hello", "echo: Hello", "(lost push)"])
+    # fetched on the same socket, after the last message seen
+    assert len(widget_stub.recorded("ws")) == 1
+    assert widget_stub.recorded("get")[gets_before].data["after"] == "2"
+
+
 async def test_new_conversation_after_resolve(
     page: Page, stub_url: str, widget_stub: WidgetStub
 ) -> None:

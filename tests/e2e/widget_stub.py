@@ -8,12 +8,14 @@ implements the widget endpoints the way the real gateway must, with no Redis and
   after a short typing indicator;
 - ``GET /v1/widget/{key}/messages?visitor_id=&after=&signature=`` pages through messages with
   ``seq > after``;
-- ``GET /v1/widget/{key}/ws`` pushes ``message`` / ``typing`` / ``status`` frames and takes acks.
+- ``GET /v1/widget/{key}/ws`` pushes ``message`` / ``typing`` / ``status`` / ``resync`` frames and
+  takes acks.
 
 Every request is recorded, and tests steer it through a few hooks: ``fail_next_posts``,
 ``overload_next_posts``,
-``reply_gate``, ``drop_sockets``, ``add_message``, ``resolve``, ``page_limit``, ``pages``. Use
-``serve_stub`` (or the ``widget_stub`` / ``stub_url`` fixtures) to run it on a free loopback port.
+``reply_gate``, ``drop_sockets``, ``resync``, ``add_message``, ``resolve``, ``page_limit``,
+``pages``. Use ``serve_stub`` (or the ``widget_stub`` / ``stub_url`` fixtures) to run it on a free
+loopback port.
 """
 
 from __future__ import annotations
@@ -144,6 +146,14 @@ class WidgetStub:
         sockets = self.sockets.pop((key, visitor_id), [])
         for ws in sockets:
             self._spawn(ws.close(code=1012, message=b"test: server restart"))
+        return len(sockets)
+
+    def resync(self, key: str, visitor_id: str) -> int:
+        """Tell the visitor's sockets to fetch what they may have missed (as the gateway does
+        after its pub/sub connection came back)."""
+        sockets = self.sockets.get((key, visitor_id), [])
+        for ws in sockets:
+            self._spawn(self._send(ws, {"type": "resync"}))
         return len(sockets)
 
     def add_message(

@@ -37,6 +37,7 @@ def pg_platform(
         "PLATFORM_SECRET_KEY": Fernet.generate_key().decode(),
         "WIDGET_VISITOR_RATE": "1000",
         "WIDGET_IP_RATE": "100000",
+        "WIDGET_WS_MAX_PER_IP": "100000",  # every visitor here is 127.0.0.1
     }
     data_dir: Path = tmp_path_factory.mktemp("platform-pg")
     with Platform(data_dir, port=free_port(), env=env, database_url=postgres_url) as running:

@@ -83,6 +83,12 @@ class PipelineSettings:
     visitor_rate: tuple[int, int] = (30, 60_000)
     ip_rate: tuple[int, int] = (120, 60_000)
     max_pending_posts: int = 100
+    # live WebSockets (per gateway process)
+    ws_max_per_ip: int = 20
+    ws_frame_rate: float = 10.0
+    ws_frame_burst: int = 200
+    ws_send_queue: int = 256
+    ws_send_timeout_s: float = 5.0
     log_level: str = "INFO"
 
     @property
@@ -127,5 +133,10 @@ class PipelineSettings:
             visitor_rate=(_int(env, "WIDGET_VISITOR_RATE", 30, 1), 60_000),
             ip_rate=(_int(env, "WIDGET_IP_RATE", 120, 1), 60_000),
             max_pending_posts=_int(env, "WIDGET_MAX_PENDING_POSTS", 100, 1),
+            ws_max_per_ip=_int(env, "WIDGET_WS_MAX_PER_IP", 20, 1),
+            ws_frame_rate=_float(env, "WIDGET_WS_FRAME_RATE", 10.0),
+            ws_frame_burst=_int(env, "WIDGET_WS_FRAME_BURST", 200, 1),
+            ws_send_queue=_int(env, "WIDGET_WS_SEND_QUEUE", 256, 1),
+            ws_send_timeout_s=_float(env, "WIDGET_WS_SEND_TIMEOUT_S", 5.0),
             log_level=(env.get("LOG_LEVEL") or "INFO").upper(),
         )

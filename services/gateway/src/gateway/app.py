@@ -43,11 +43,24 @@ async def runtime_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 async def hub_ctx(app: web.Application) -> AsyncIterator[None]:
-    hub = LiveHub(app[runtime_key].redis)
+    settings = app[settings_key]
+    hub = LiveHub(
+        app[runtime_key].redis,
+        max_per_ip=settings.ws_max_per_ip,
+        send_queue=settings.ws_send_queue,
+        send_timeout=settings.ws_send_timeout_s,
+    )
     await hub.start()
     app[hub_key] = hub
     yield
     await hub.close()
+
+
+async def close_sockets(app: web.Application) -> None:
+    """Runs before the server waits for its handlers: an open WebSocket would otherwise hold
+    shutdown for the whole shutdown timeout and then be cut (1006)."""
+    if hub_key in app:
+        await app[hub_key].shutdown()
 
 
 async def workers_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -158,6 +171,7 @@ def create_app(settings: PipelineSettings) -> web.Application:
     app[widget.cache_key] = widget.WidgetConfigCache()
     app[widget.pending_key] = widget.PendingPosts()
     app.cleanup_ctx.extend([runtime_ctx, hub_ctx, workers_ctx])
+    app.on_shutdown.append(close_sockets)
     app.add_routes(widget.routes())
     app.add_routes(
         [

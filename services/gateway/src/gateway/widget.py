@@ -15,7 +15,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import orjson
-from aiohttp import WSMsgType, web
+from aiohttp import WSCloseCode, WSMsgType, web
 
 from chat_domain import (
     find_active_conversation,
@@ -37,6 +37,8 @@ from chat_pipeline.cache import CONFIG_TTL_S, TTLCache
 from chat_pipeline.live import message_frame, message_json, publish, status_frame, visitor_channel
 from gateway.errors import DEPENDENCY_ERRORS, ApiError
 from gateway.keys import hub_key, runtime_key
+from gateway.live_hub import FrameBudget, HubClosing, TooManySockets
+from gateway.net import client_ip
 
 __all__ = ["WidgetConfigCache", "routes"]
 
@@ -294,13 +296,32 @@ async def websocket(request: web.Request) -> web.StreamResponse:
     visitor_id = _visitor_id(request.query.get("visitor_id"))
     # refused before the upgrade: a plain 4xx JSON error
     _check_signature(target, visitor_id, request.query.get("signature"))
+    settings = rt.settings
     ws = web.WebSocketResponse(heartbeat=25, max_msg_size=4096)
-    await ws.prepare(request)
-    channel = visitor_channel(target.channel_id, visitor_id)
     hub = request.app[hub_key]
-    await hub.join(channel, ws)
     try:
+        # subscribed before the upgrade: what is published while the browser opens the socket
+        # is queued for it (and sent after the 101), not missed
+        sock = await hub.join(
+            visitor_channel(target.channel_id, visitor_id), ws, request, client_ip(request)
+        )
+    except TooManySockets:
+        raise ApiError(
+            429, "too_many_sockets", "too many open connections from this address", "ip"
+        ) from None
+    except HubClosing:
+        raise ApiError(
+            503, "shutting_down", "this server is shutting down", headers={"Retry-After": "1"}
+        ) from None
+    try:
+        await ws.prepare(request)
+        sock.start()
+        budget = FrameBudget(settings.ws_frame_rate, settings.ws_frame_burst)
         async for frame in ws:
+            if not budget.take():
+                # the widget sends one ack per message it shows; a flood is not the widget
+                await ws.close(code=WSCloseCode.POLICY_VIOLATION, message=b"too many frames")
+                break
             if frame.type != WSMsgType.TEXT:
                 continue
             try:
@@ -310,7 +331,7 @@ async def websocket(request: web.Request) -> web.StreamResponse:
             if isinstance(data, dict) and data.get("type") == "ack":
                 await _ack(rt, target, visitor_id, data.get("message_id"))
     finally:
-        await hub.leave(channel, ws)
+        await hub.leave(sock)
     return ws
 
 

@@ -470,6 +470,9 @@
         return;
       }
       if (f.type === "message") receive(f.message, true);
+      // The gateway lost its pub/sub subscription for a moment: frames sent meanwhile are
+      // gone, so fetch after the last contiguous message, as after a reconnect.
+      else if (f.type === "resync") refresh();
       else if (f.type === "typing") setTyping(Boolean(f.on));
       else if (f.type === "status") {
         const m = byId.get(String(f.message_id));
