@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import logging
+import traceback
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
-__all__ = ["ApiError", "error_middleware"]
+__all__ = ["ApiError", "describe_without_text", "error_middleware"]
 
 log = logging.getLogger("gateway")
 
@@ -48,7 +49,33 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
             )
             return ApiError(exc.status, code, exc.reason).response()
         raise
-    except Exception:
-        # Never a traceback to the client; the log has it.
-        log.exception("unhandled error on %s %s", request.method, request.path)
+    except Exception as exc:
+        # Never a traceback to the client. The error log says which exceptions were raised
+        # where, not what they say: drivers' and validators' messages quote the input (a
+        # visitor's text). The whole exception is logged at debug level only.
+        log.error(
+            "unhandled error on %s %s\n%s", request.method, request.path, describe_without_text(exc)
+        )
+        log.debug("unhandled error on %s %s", request.method, request.path, exc_info=True)
         return ApiError(500, "internal", "internal error").response()
+
+
+def describe_without_text(exc: BaseException) -> str:
+    """A traceback of ``exc`` and the exceptions it was raised from, with their types and
+    frames (source lines) but without their messages."""
+    chain: list[BaseException] = []
+    current: BaseException | None = exc
+    while current is not None and current not in chain and len(chain) < 10:
+        chain.append(current)
+        current = current.__cause__ or (
+            None if current.__suppress_context__ else current.__context__
+        )
+    parts = []
+    for i, item in enumerate(reversed(chain)):
+        if i:
+            parts.append("raised while handling the above:\n")
+        parts.append("Traceback (most recent call last):\n")
+        parts.extend(traceback.format_tb(item.__traceback__))
+        kind = type(item)
+        parts.append(f"{kind.__module__}.{kind.__qualname__} (message not logged)\n")
+    return "".join(parts).rstrip("\n")
