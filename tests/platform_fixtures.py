@@ -69,6 +69,8 @@ def platform(fake_llm: FakeLLM, tmp_path_factory: pytest.TempPathFactory) -> Ite
         "QUEUE_STALLED_INTERVAL_MS": "300",
         "WIDGET_VISITOR_RATE": "1000",
         "WIDGET_IP_RATE": "100000",
+        "WIDGET_VISITOR_READ_RATE": "100000",  # the tests poll GET every 50 ms
+        "WIDGET_IP_READ_RATE": "1000000",
         "LOG_LEVEL": "INFO",
     }
     data_dir: Path = tmp_path_factory.mktemp("platform")

@@ -41,9 +41,11 @@ from gateway.app import create_app
 from gateway.errors import error_middleware
 from gateway.net import client_ip_from
 from queue_core import connect
-from tests.domain.conftest import postgres_server, postgres_url  # noqa: F401  (fixtures)
+from tests.domain.conftest import postgres_server, postgres_url
 
 from .conftest import settings_for
+
+__all__ = ["postgres_server", "postgres_url"]
 
 Client = TestClient[Any, Any]
 HOUR = 3_600_000
