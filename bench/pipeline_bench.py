@@ -204,7 +204,7 @@ class Bench:
 
     async def ingest(self, rate: int, seconds: float) -> dict[str, Any]:
         total = int(rate * seconds)
-        visitors = [f"ingest-{self.run}-{i}" for i in range(max(1, rate * 2))]
+        visitors = [str(uuid.uuid4()) for _ in range(max(1, rate * 2))]
         accepted: list[float] = []
         refused: list[float] = []
         statuses: Counter[int] = Counter()
@@ -253,7 +253,7 @@ class Bench:
     async def e2e(self, rate: int, seconds: float, warmup: float) -> dict[str, Any]:
         """Open loop: messages at `rate`/s whatever the replies do."""
         n_visitors = max(1, rate * 2)
-        visitors = [f"e2e-{self.run}-{i}" for i in range(n_visitors)]
+        visitors = [str(uuid.uuid4()) for _ in range(n_visitors)]
         post_ms: list[float] = []
         statuses: Counter[int] = Counter()
         live = await self.open_sockets(visitors)
@@ -309,7 +309,7 @@ class Bench:
     async def capacity(self, visitors_n: int, seconds: float) -> dict[str, Any]:
         """Closed loop: each visitor sends its next message when the reply to the last one
         arrived, so the platform runs as fast as it can and the rate is what it sustains."""
-        visitors = [f"cap-{self.run}-{i}" for i in range(visitors_n)]
+        visitors = [str(uuid.uuid4()) for _ in range(visitors_n)]
         live = await self.open_sockets(visitors)
         texts: list[str] = []
         statuses: Counter[int] = Counter()
@@ -399,7 +399,7 @@ class Bench:
         return out
 
     async def per_message(self, n: int) -> dict[str, Any]:
-        visitors = [f"count-{self.run}-{i}" for i in range(min(n, 10))]
+        visitors = [str(uuid.uuid4()) for _ in range(min(n, 10))]
         sockets = {
             v: await self.session.ws_connect(f"{self.api}/ws?visitor_id={v}") for v in visitors
         }
@@ -514,6 +514,10 @@ async def start_and_run(args: argparse.Namespace, data_dir: Path) -> dict[str, A
             "WIDGET_VISITOR_RATE": "1000000",
             "WIDGET_IP_RATE": "100000000",
             "WIDGET_WS_MAX_PER_IP": "100000",  # every visitor here is 127.0.0.1
+            "WIDGET_CHATBOT_RATE": "100000000",
+            "WIDGET_TENANT_RATE": "100000000",
+            "WIDGET_VISITOR_READ_RATE": "100000000",
+            "WIDGET_IP_READ_RATE": "100000000",
             "LOG_LEVEL": "WARNING",
             "BENCH_COUNTS_DIR": str(counts_dir),
             "LLM_API_KEY": "bench-key",

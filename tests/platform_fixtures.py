@@ -70,6 +70,8 @@ def platform(fake_llm: FakeLLM, tmp_path_factory: pytest.TempPathFactory) -> Ite
         "WIDGET_VISITOR_RATE": "1000",
         "WIDGET_IP_RATE": "100000",
         "WIDGET_WS_MAX_PER_IP": "100000",  # every visitor here is 127.0.0.1
+        "WIDGET_VISITOR_READ_RATE": "100000",  # the tests poll GET every 50 ms
+        "WIDGET_IP_READ_RATE": "1000000",
         "LOG_LEVEL": "INFO",
     }
     data_dir: Path = tmp_path_factory.mktemp("platform")

@@ -148,7 +148,8 @@ async def test_cors_preflight_and_headers(http: aiohttp.ClientSession) -> None:
         assert response.status == 204
         assert response.headers["Access-Control-Allow-Origin"] == "*"
         assert "POST" in response.headers["Access-Control-Allow-Methods"]
-        assert response.headers["Access-Control-Allow-Headers"].lower() == "content-type"
+        allowed = response.headers["Access-Control-Allow-Headers"].lower()
+        assert allowed == "content-type, x-visitor-signature"
     async with http.post("/v1/widget/pk_nope/messages", json=message()) as response:
         assert response.status == 404
         assert response.headers["Access-Control-Allow-Origin"] == "*"

@@ -6,8 +6,11 @@ implements the widget endpoints the way the real gateway must, with no Redis and
 - ``POST /v1/widget/{key}/messages`` stores the visitor's message (idempotent on
   ``client_message_id``), pushes it to the visitor's sockets, and answers with ``"echo: <text>"``
   after a short typing indicator;
-- ``GET /v1/widget/{key}/messages?visitor_id=&after=&signature=`` pages through messages with
+- ``GET /v1/widget/{key}/messages?visitor_id=&after=`` pages through messages with
   ``seq > after``;
+
+the signature of a signed visitor comes in the ``X-Visitor-Signature`` header (or, as older
+widgets sent it, in the body or query; the WebSocket's only in its query);
 - ``GET /v1/widget/{key}/ws`` pushes ``message`` / ``typing`` / ``status`` / ``resync`` frames and
   takes acks.
 
@@ -39,6 +42,7 @@ from gateway.errors import ApiError  # the same error body as the real gateway
 STATIC_DIR = Path(__file__).resolve().parents[2] / "services/gateway/src/gateway/static"
 MAX_TEXT = 4000
 MAX_ID = 200  # visitor ids and client message ids (chat_domain: external ids ≤ 200)
+SIGNATURE_HEADER = "X-Visitor-Signature"
 DELIVERY_RANK = {"received": 0, "queued": 1, "sent": 2, "failed": 3, "delivered": 4, "read": 5}
 
 RecordKind = Literal["post", "get", "ws", "ack"]
@@ -94,6 +98,7 @@ class Record:
     kind: RecordKind
     key: str
     data: dict[str, Any]  # POST body, GET/WS query, or the ack frame
+    signature_header: str | None = None
 
 
 class WidgetStub:
@@ -201,7 +206,7 @@ class WidgetStub:
             # used, so a wildcard origin is enough.
             response: web.StreamResponse = web.Response(status=204)
             response.headers["Access-Control-Allow-Methods"] = "GET, POST"
-            response.headers["Access-Control-Allow-Headers"] = "Content-Type"
+            response.headers["Access-Control-Allow-Headers"] = "Content-Type, X-Visitor-Signature"
             response.headers["Access-Control-Max-Age"] = "600"
         else:
             try:
@@ -257,8 +262,9 @@ class WidgetStub:
         client_message_id = body.get("client_message_id")
         if not isinstance(client_message_id, str) or not 0 < len(client_message_id) <= MAX_ID:
             raise ApiError(400, "invalid", "client_message_id is required", "client_message_id")
-        self._check_signature(config, visitor_id, body.get("signature"))
-        self._record("post", key, body)
+        header = request.headers.get(SIGNATURE_HEADER)
+        self._check_signature(config, visitor_id, header or body.get("signature"))
+        self._record("post", key, body, header)
         if self.fail_next_posts > 0:
             self.fail_next_posts -= 1
             raise ApiError(500, "internal", "injected failure (test hook)")
@@ -288,8 +294,9 @@ class WidgetStub:
             raise ApiError(400, "invalid", "after must be an integer", "after") from None
         if after < 0:
             raise ApiError(400, "invalid", "after must not be negative", "after")
-        self._check_signature(config, visitor_id, query.get("signature"))
-        self._record("get", key, dict(query))
+        header = request.headers.get(SIGNATURE_HEADER)
+        self._check_signature(config, visitor_id, header or query.get("signature"))
+        self._record("get", key, dict(query), header)
         conv = self.conversation(key, visitor_id)
         newer = [m for m in conv.messages if m.seq > after] if conv else []
         page = newer[: self.page_limit]
@@ -413,8 +420,10 @@ class WidgetStub:
             self.conversations[key, visitor_id] = conv
         return conv
 
-    def _record(self, kind: RecordKind, key: str, data: dict[str, Any]) -> None:
-        self.records.append(Record(kind, key, data))
+    def _record(
+        self, kind: RecordKind, key: str, data: dict[str, Any], header: str | None = None
+    ) -> None:
+        self.records.append(Record(kind, key, data, header))
         self._notify()
 
     def _notify(self) -> None:

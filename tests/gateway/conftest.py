@@ -3,6 +3,8 @@ SQLite database, with three chatbots: plain, origin-restricted, and identity-ver
 
 from __future__ import annotations
 
+import hashlib
+import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +33,13 @@ from tests.fakes.openai_server import FakeOpenAIServer
 
 IDENTITY_SECRET = "identity-secret-for-tests"
 SHOP = "https://shop.example"
+
+
+def visitor(name: str) -> str:
+    """A visitor id in the widget's random format (a version 4 UUID; chatbots without an
+    identity secret take no other), the same for the same name."""
+    digest = hashlib.sha256(name.encode()).digest()[:16]
+    return str(uuid.UUID(bytes=digest, version=4))
 
 
 @dataclass(frozen=True)

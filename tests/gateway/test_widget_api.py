@@ -15,7 +15,7 @@ from chat_domain import create_engine, sign_visitor_id
 from devstack import RedisServer
 from queue_core import Queue, connect
 
-from .conftest import IDENTITY_SECRET, SHOP, Bots
+from .conftest import IDENTITY_SECRET, SHOP, Bots, visitor
 
 Client = TestClient[Any, Any]
 
@@ -37,7 +37,7 @@ async def _stored(db: str, redis_url: str) -> tuple[int, int, int]:
 
 
 def _body(**fields: Any) -> dict[str, Any]:
-    body = {"visitor_id": "v1", "text": "hello", "client_message_id": "c1"}
+    body = {"visitor_id": visitor("v1"), "text": "hello", "client_message_id": "c1"}
     body.update(fields)
     return {k: v for k, v in body.items() if v is not ...}
 
@@ -100,7 +100,7 @@ async def test_unknown_key_bad_origin_and_bad_signature(
     # the allowed origin and a valid signature pass
     r = await client.post(
         f"/v1/widget/{bots.restricted}/messages",
-        json=_body(visitor_id="o1"),
+        json=_body(visitor_id=visitor("o1")),
         headers={"Origin": SHOP},
     )
     assert r.status == 202
@@ -116,7 +116,7 @@ async def test_a_post_is_stored_and_enqueued_once(
     client: Client, bots: Bots, gateway_db: str, gateway_redis: RedisServer
 ) -> None:
     before = await _stored(gateway_db, gateway_redis.url)
-    body = _body(visitor_id="once", client_message_id="m-1", text="  Hi there  ")
+    body = _body(visitor_id=visitor("once"), client_message_id="m-1", text="  Hi there  ")
     first = await client.post(f"/v1/widget/{bots.plain}/messages", json=body)
     second = await client.post(f"/v1/widget/{bots.plain}/messages", json=body)
     assert first.status == second.status == 202
@@ -124,7 +124,9 @@ async def test_a_post_is_stored_and_enqueued_once(
     assert a == b and a["status"] == "received" and a["seq"] == 1
     after = await _stored(gateway_db, gateway_redis.url)
     assert after == (before[0] + 1, before[1] + 1, before[2] + 1)
-    page = await (await client.get(f"/v1/widget/{bots.plain}/messages?visitor_id=once")).json()
+    page = await (
+        await client.get(f"/v1/widget/{bots.plain}/messages?visitor_id={visitor('once')}")
+    ).json()
     assert [m["text"] for m in page["messages"]] == ["Hi there"]
     assert page["messages"][0]["client_message_id"] == "m-1"
     assert page["cursor"] == 1 and page["conversation_id"] == a["conversation_id"]
@@ -136,7 +138,7 @@ async def test_a_retried_post_queues_a_message_whose_first_try_was_not_queued(
     """The first try stored the message, then lost Redis before queueing it (the client saw a
     5xx and retries with the same client_message_id): the retry must queue it, or it is never
     answered."""
-    body = _body(visitor_id="retrier", client_message_id="r-1")
+    body = _body(visitor_id=visitor("retrier"), client_message_id="r-1")
     redis = connect(gateway_redis.url)
     incoming = Queue("incoming-messages", redis)
     try:
@@ -177,7 +179,7 @@ async def test_an_overloaded_gateway_refuses_at_once_and_stores_nothing(
         before = await _stored(gateway_db, gateway_redis.url)
 
         async def post(i: int) -> tuple[int, Any, str | None]:
-            body = _body(visitor_id="crowd", client_message_id=f"crowd-{i}")
+            body = _body(visitor_id=visitor("crowd"), client_message_id=f"crowd-{i}")
             r = await test_client.post(f"/v1/widget/{bots.plain}/messages", json=body)
             return r.status, await r.json(), r.headers.get("Retry-After")
 
@@ -207,7 +209,7 @@ async def test_get_messages_validation_and_unknown_visitor(
         assert r.status == 400 and (await r.json())["error"]["field"] == field, query
     r = await client.get(f"/v1/widget/{bots.signed}/messages?visitor_id=s9")
     assert r.status == 403
-    r = await client.get(f"{url}?visitor_id=never-seen")
+    r = await client.get(f"{url}?visitor_id={visitor('never-seen')}")
     assert r.status == 200
     assert await r.json() == {"messages": [], "cursor": 0, "conversation_id": None}
     assert await _stored(gateway_db, gateway_redis.url) == before, "reading creates nothing"
@@ -227,14 +229,18 @@ async def test_websocket_refused_before_upgrade(client: Client, bots: Bots) -> N
 async def test_websocket_ack_only_marks_the_visitors_own_messages(
     client: Client, bots: Bots, gateway_db: str
 ) -> None:
-    r = await client.post(f"/v1/widget/{bots.plain}/messages", json=_body(visitor_id="ack-a"))
+    r = await client.post(
+        f"/v1/widget/{bots.plain}/messages", json=_body(visitor_id=visitor("ack-a"))
+    )
     own = (await r.json())["message_id"]
-    ws = await client.ws_connect(f"/v1/widget/{bots.plain}/ws?visitor_id=ack-b")
+    ws = await client.ws_connect(f"/v1/widget/{bots.plain}/ws?visitor_id={visitor('ack-b')}")
     await ws.send_json({"type": "ack", "message_id": own})  # someone else's message
     await ws.send_json({"type": "ack", "message_id": "not-a-uuid"})
     await ws.send_str("{broken json")
     await ws.close()
-    page = await (await client.get(f"/v1/widget/{bots.plain}/messages?visitor_id=ack-a")).json()
+    page = await (
+        await client.get(f"/v1/widget/{bots.plain}/messages?visitor_id={visitor('ack-a')}")
+    ).json()
     assert page["messages"][0]["status"] == "received"
 
 
@@ -243,7 +249,7 @@ async def test_rate_limit_per_visitor(client: Client, bots: Bots) -> None:
     for i in range(7):
         r = await client.post(
             f"/v1/widget/{bots.plain}/messages",
-            json=_body(visitor_id="chatty", client_message_id=f"r{i}"),
+            json=_body(visitor_id=visitor("chatty"), client_message_id=f"r{i}"),
         )
         codes.append(r.status)
     assert codes[:5] == [202] * 5 and codes[5:] == [429, 429]

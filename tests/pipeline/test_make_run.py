@@ -25,11 +25,19 @@ from devstack.platform import Platform, PlatformError, supervise
 from .client import WidgetClient
 
 REPO = Path(__file__).resolve().parents[2]
+VISITOR = "7d9f6a2e-3b1c-4e8a-9f0d-5c6b7a8e9f01"  # a returning visitor, in the widget's format
 
 
 def _spawn(data_dir: Path, port: int) -> subprocess.Popen[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("LLM_")}  # offline answers
-    env.update({"PIPELINE_DEBOUNCE_MS": "100", "PYTHONUNBUFFERED": "1"})
+    # (the test polls GET every 50 ms, far more often than the widget)
+    env.update(
+        {
+            "PIPELINE_DEBOUNCE_MS": "100",
+            "PYTHONUNBUFFERED": "1",
+            "WIDGET_VISITOR_READ_RATE": "100000",
+        }
+    )
     argv = [
         sys.executable,
         "-m",
@@ -79,8 +87,8 @@ async def test_second_run_reuses_the_data_and_ctrl_c_stops_everything(tmp_path: 
     try:
         async with aiohttp.ClientSession() as session:
             widget = WidgetClient(f"http://127.0.0.1:{port}", key, session)
-            await widget.post("returning-visitor", "When does the roastery open?")
-            first = await widget.wait_messages("returning-visitor", lambda ms: len(ms) == 2)
+            await widget.post(VISITOR, "When does the roastery open?")
+            first = await widget.wait_messages(VISITOR, lambda ms: len(ms) == 2)
         assert first[1]["text"].startswith("From our knowledge base:"), "offline answer"
     finally:
         await _stop(proc)
@@ -89,7 +97,7 @@ async def test_second_run_reuses_the_data_and_ctrl_c_stops_everything(tmp_path: 
         assert key_again == key, "the demo tenant is created once"
         async with aiohttp.ClientSession() as session:
             widget = WidgetClient(f"http://127.0.0.1:{port}", key, session)
-            again = (await widget.messages("returning-visitor"))["messages"]
+            again = (await widget.messages(VISITOR))["messages"]
         assert [m["id"] for m in again] == [m["id"] for m in first], (
             "the conversation is still there"
         )

@@ -16,7 +16,7 @@ from .client import WidgetClient, assistant
 
 
 def _visitor() -> str:
-    return f"v-{uuid.uuid4().hex[:10]}"
+    return str(uuid.uuid4())  # the widget's random visitor id
 
 
 async def _ai_idle(platform: Platform) -> None:

@@ -6,6 +6,7 @@ found; this runs the real processes on a real server."""
 from __future__ import annotations
 
 import asyncio
+import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -38,6 +39,8 @@ def pg_platform(
         "WIDGET_VISITOR_RATE": "1000",
         "WIDGET_IP_RATE": "100000",
         "WIDGET_WS_MAX_PER_IP": "100000",  # every visitor here is 127.0.0.1
+        "WIDGET_VISITOR_READ_RATE": "100000",  # the tests poll GET every 50 ms
+        "WIDGET_IP_READ_RATE": "1000000",
     }
     data_dir: Path = tmp_path_factory.mktemp("platform-pg")
     with Platform(data_dir, port=free_port(), env=env, database_url=postgres_url) as running:
@@ -52,11 +55,11 @@ async def pg_widget(pg_platform: Platform) -> AsyncIterator[WidgetClient]:
 
 async def test_concurrent_conversations_each_get_every_reply(pg_widget: WidgetClient) -> None:
     async def conversation(i: int) -> list[str]:
-        visitor = f"pg-{i}"
+        visitor = str(uuid.uuid4())  # the widget's random visitor id
         replies = []
         async with pg_widget.socket(visitor) as live:
             for turn in range(3):
-                text = f"question {turn} from {visitor}"
+                text = f"question {turn} from {i}"
                 status, _ = await pg_widget.post(visitor, text)
                 assert status == 202
                 frame = await live.wait_for(

@@ -62,4 +62,8 @@ def sign_visitor_id(secret: str, visitor_id: str) -> str:
 
 
 def verify_visitor_signature(secret: str, visitor_id: str, signature: str) -> bool:
-    return hmac.compare_digest(sign_visitor_id(secret, visitor_id), signature.strip().lower())
+    # Compared as bytes: compare_digest raises TypeError on a str that is not ASCII, and the
+    # signature comes from the client.
+    expected = sign_visitor_id(secret, visitor_id).encode("ascii")
+    given = signature.strip().lower().encode("utf-8", "replace")
+    return hmac.compare_digest(expected, given)

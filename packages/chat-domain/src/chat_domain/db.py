@@ -17,10 +17,14 @@ def create_engine(settings: Settings | str, **engine_kwargs: Any) -> AsyncEngine
 
     SQLite gets WAL journaling, ``foreign_keys=ON`` and a busy timeout on every new connection,
     one connection per process (see below), and the folder of its database file is created.
+    Errors never carry the statements' bound parameters (``hide_parameters``).
     Call ``await engine.dispose()`` on shutdown.
     """
     if isinstance(settings, str):
         settings = Settings(database_url=normalise_database_url(settings))
+    # A database error's message otherwise quotes the statement's parameters: visitors' text,
+    # contact details, encrypted secrets. Services log such errors.
+    engine_kwargs.setdefault("hide_parameters", True)
     url = normalise_database_url(settings.database_url)
     if make_url(url).get_backend_name() == "sqlite":
         db_file = sqlite_path(url)

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from chat_domain import ConfigError
 from chat_domain import Settings as DatabaseSettings
 
-__all__ = ["PipelineSettings"]
+__all__ = ["IPNetwork", "PipelineSettings"]
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 0) -> int:
@@ -36,6 +40,22 @@ def _float(env: Mapping[str, str], name: str, default: float) -> float:
     if value <= 0:
         raise ConfigError(f"{name} must be positive, got {value}")
     return value
+
+
+def _networks(env: Mapping[str, str], name: str) -> tuple[IPNetwork, ...]:
+    networks = []
+    for item in re.split(r"[\s,]+", env.get(name) or ""):
+        if not item:
+            continue
+        try:
+            networks.append(ipaddress.ip_network(item))
+        except ValueError as exc:
+            raise ConfigError(f"{name}: {item!r} is not an IP address or CIDR ({exc})") from exc
+    return tuple(networks)
+
+
+def _per_minute(env: Mapping[str, str], name: str, default: int) -> tuple[int, int]:
+    return (_int(env, name, default, 1), 60_000)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -80,8 +100,15 @@ class PipelineSettings:
     port: int = 8080
     public_url: str = ""
     gateway_role: str = "all"
+    # request limits: (count, window ms); see docs/configuration.md for why these defaults
     visitor_rate: tuple[int, int] = (30, 60_000)
     ip_rate: tuple[int, int] = (120, 60_000)
+    chatbot_rate: tuple[int, int] = (300, 60_000)
+    tenant_rate: tuple[int, int] = (600, 60_000)
+    visitor_read_rate: tuple[int, int] = (60, 60_000)
+    ip_read_rate: tuple[int, int] = (600, 60_000)
+    # peers whose X-Forwarded-For is believed (the TLS proxy / load balancer in front)
+    trusted_proxies: tuple[IPNetwork, ...] = ()
     max_pending_posts: int = 100
     # live WebSockets (per gateway process)
     ws_max_per_ip: int = 20
@@ -130,8 +157,13 @@ class PipelineSettings:
             port=_int(env, "GATEWAY_PORT", 8080, 0),
             public_url=(env.get("GATEWAY_PUBLIC_URL") or "").rstrip("/"),
             gateway_role=role,
-            visitor_rate=(_int(env, "WIDGET_VISITOR_RATE", 30, 1), 60_000),
-            ip_rate=(_int(env, "WIDGET_IP_RATE", 120, 1), 60_000),
+            visitor_rate=_per_minute(env, "WIDGET_VISITOR_RATE", 30),
+            ip_rate=_per_minute(env, "WIDGET_IP_RATE", 120),
+            chatbot_rate=_per_minute(env, "WIDGET_CHATBOT_RATE", 300),
+            tenant_rate=_per_minute(env, "WIDGET_TENANT_RATE", 600),
+            visitor_read_rate=_per_minute(env, "WIDGET_VISITOR_READ_RATE", 60),
+            ip_read_rate=_per_minute(env, "WIDGET_IP_READ_RATE", 600),
+            trusted_proxies=_networks(env, "GATEWAY_TRUSTED_PROXIES"),
             max_pending_posts=_int(env, "WIDGET_MAX_PENDING_POSTS", 100, 1),
             ws_max_per_ip=_int(env, "WIDGET_WS_MAX_PER_IP", 20, 1),
             ws_frame_rate=_float(env, "WIDGET_WS_FRAME_RATE", 10.0),

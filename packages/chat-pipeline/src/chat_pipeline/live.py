@@ -29,10 +29,12 @@ def visitor_channel(chatbot_id: uuid.UUID | str, visitor_id: str) -> str:
 
 
 def client_message_id(message: MessageView) -> str | None:
-    """Widget user messages store "<visitor id>:<client message id>" as their external id."""
+    """Widget user messages store "<visitor id>:<client message id>" as their external id. A
+    visitor id may contain ':' (a host's signed id), a client message id may not: the last ':'
+    separates them."""
     if message.role != "user" or not message.external_id:
         return None
-    return message.external_id.split(":", 1)[-1]
+    return message.external_id.rsplit(":", 1)[-1]
 
 
 def message_json(message: MessageView) -> dict[str, Any]:

@@ -13,7 +13,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as SATimeoutError
 
-__all__ = ["DEPENDENCY_ERRORS", "ApiError", "error_middleware"]
+__all__ = ["DEPENDENCY_ERRORS", "ApiError", "describe_without_text", "error_middleware"]
 
 # A dependency that is down or overloaded (Redis restarting, a database failover, a pool
 # exhausted): the client is told to retry (503 + Retry-After), which the widget does.
@@ -81,12 +81,32 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
             headers={"Retry-After": "2"},
         ).response()
     except Exception as exc:
-        # Never a traceback to the client. The log gets the type and the stack but not the
-        # exception's message, which may quote the request's text (database errors carry
-        # their bound parameters); the message only at debug level.
-        stack = "".join(traceback.format_tb(exc.__traceback__))
+        # Never a traceback to the client. The error log says which exceptions were raised
+        # where, not what they say: drivers' and validators' messages quote the input (a
+        # visitor's text). The whole exception is logged at debug level only.
         log.error(
-            "unhandled %s on %s %s\n%s", type(exc).__name__, request.method, request.path, stack
+            "unhandled error on %s %s\n%s", request.method, request.path, describe_without_text(exc)
         )
-        log.debug("unhandled error message: %s", exc)
+        log.debug("unhandled error on %s %s", request.method, request.path, exc_info=True)
         return ApiError(500, "internal", "internal error").response()
+
+
+def describe_without_text(exc: BaseException) -> str:
+    """A traceback of ``exc`` and the exceptions it was raised from, with their types and
+    frames (source lines) but without their messages."""
+    chain: list[BaseException] = []
+    current: BaseException | None = exc
+    while current is not None and current not in chain and len(chain) < 10:
+        chain.append(current)
+        current = current.__cause__ or (
+            None if current.__suppress_context__ else current.__context__
+        )
+    parts = []
+    for i, item in enumerate(reversed(chain)):
+        if i:
+            parts.append("raised while handling the above:\n")
+        parts.append("Traceback (most recent call last):\n")
+        parts.extend(traceback.format_tb(item.__traceback__))
+        kind = type(item)
+        parts.append(f"{kind.__module__}.{kind.__qualname__} (message not logged)\n")
+    return "".join(parts).rstrip("\n")

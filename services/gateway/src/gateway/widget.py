@@ -7,6 +7,7 @@ field; nothing is stored for a refused request.
 from __future__ import annotations
 
 import logging
+import math
 import re
 import time
 import uuid
@@ -38,14 +39,31 @@ from chat_pipeline.live import message_frame, message_json, publish, status_fram
 from gateway.errors import DEPENDENCY_ERRORS, ApiError
 from gateway.keys import hub_key, runtime_key
 from gateway.live_hub import FrameBudget, HubClosing, TooManySockets
-from gateway.net import client_ip
+from gateway.net import client_ip, rate_key
 
 __all__ = ["WidgetConfigCache", "routes"]
 
 log = logging.getLogger("gateway.widget")
 
-MAX_ID = 200
-_ID = re.compile(r"^[A-Za-z0-9._:@-]{1,200}$")
+# A widget message's external id is "<visitor id>:<client message id>" in
+# messages.external_id (VARCHAR 200): 128 + 1 + 64 = 193. The visitor id is also part of the
+# incoming job's group, "<tenant>:<channel>:<visitor>" (74 + 128 <= queue-core's 256).
+MAX_VISITOR_ID = 128
+MAX_CLIENT_MESSAGE_ID = 64
+_VISITOR_ID = re.compile(rf"[A-Za-z0-9._:@-]{{1,{MAX_VISITOR_ID}}}")
+# No ':' in a client message id: the external id's last ':' separates it from the visitor id,
+# so two (visitor, client id) pairs can never make the same external id.
+_CLIENT_MESSAGE_ID = re.compile(rf"[A-Za-z0-9._@-]{{1,{MAX_CLIENT_MESSAGE_ID}}}")
+# What widget.js generates for an anonymous visitor: a random (version 4) UUID.
+_RANDOM_VISITOR_ID = re.compile(
+    r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}", re.IGNORECASE
+)
+# chatbots.widget_public_key is VARCHAR(64) of token_urlsafe characters; anything else (a NUL
+# that PostgreSQL would refuse, say) is an unknown key without asking the database.
+_PUBLIC_KEY = re.compile(r"[A-Za-z0-9_-]{1,64}")
+_CURSOR = re.compile(r"[0-9]{1,19}")
+_MAX_SEQ = 2**63 - 1  # messages.seq is a BIGINT
+_SIGNATURE_HEADER = "X-Visitor-Signature"
 _PAGE = 100
 
 
@@ -65,15 +83,15 @@ class WidgetConfigCache:
         self._cache: TTLCache[str, WidgetTarget | None] = TTLCache(ttl)
 
     async def get(self, rt: Runtime, public_key: str) -> WidgetTarget:
-        target = await self._cache.get(public_key, lambda: self._load(rt, public_key))
+        target = None
+        if _PUBLIC_KEY.fullmatch(public_key):
+            target = await self._cache.get(public_key, lambda: self._load(rt, public_key))
         if target is None:
             raise ApiError(404, "unknown_key", "no widget with this public key", "public_key")
         return target
 
     @staticmethod
     async def _load(rt: Runtime, public_key: str) -> WidgetTarget | None:
-        if len(public_key) > MAX_ID:
-            return None
         async with rt.sessions() as session:
             bot = await get_chatbot_by_widget_key(session, public_key)
             channel = await find_channel_by_widget_key(session, public_key)
@@ -89,14 +107,52 @@ class WidgetConfigCache:
 
 
 def _visitor_id(value: object) -> str:
-    if not isinstance(value, str) or not _ID.match(value):
+    if not isinstance(value, str) or not _VISITOR_ID.fullmatch(value):
         raise ApiError(
             400,
             "invalid",
-            "visitor_id is required: 1-200 characters of letters, digits and ._:@-",
+            f"visitor_id is required: 1-{MAX_VISITOR_ID} characters of letters, digits and ._:@-",
             "visitor_id",
         )
     return value
+
+
+def _client_message_id(value: object) -> str:
+    if not isinstance(value, str) or not _CLIENT_MESSAGE_ID.fullmatch(value):
+        raise ApiError(
+            400,
+            "invalid",
+            f"client_message_id is required: 1-{MAX_CLIENT_MESSAGE_ID} characters of letters,"
+            " digits and ._@-",
+            "client_message_id",
+        )
+    return value
+
+
+def _text(value: object, limit: int) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise ApiError(400, "required", "text is required", "text")
+    if len(value) > limit:
+        raise ApiError(400, "too_long", f"text is longer than {limit} characters", "text")
+    if "\x00" in value:
+        # PostgreSQL cannot store it (and no keyboard types it)
+        raise ApiError(400, "invalid", "text must not contain NUL characters", "text")
+    return value.strip()
+
+
+def _cursor(value: str | None) -> int:
+    if value is None or value == "":
+        return 0
+    # int() would also take " 1", "1_0" and other scripts' digits
+    if not _CURSOR.fullmatch(value) or int(value) > _MAX_SEQ:
+        raise ApiError(400, "invalid", f"after must be an integer from 0 to {_MAX_SEQ}", "after")
+    return int(value)
+
+
+def _signature(request: web.Request, fallback: object) -> object:
+    """The header wins; the body (POST) or query (GET) is where older widgets put it."""
+    header = request.headers.get(_SIGNATURE_HEADER)
+    return header if header is not None else fallback
 
 
 def _check_origin(request: web.Request, target: WidgetTarget) -> None:
@@ -117,19 +173,50 @@ def _check_signature(target: WidgetTarget, visitor_id: str, signature: object) -
         raise ApiError(403, "invalid_signature", "visitor signature is invalid", "signature")
 
 
-async def _rate_limits(rt: Runtime, checks: list[tuple[str, tuple[int, int], str]]) -> None:
-    """Fixed-window request limits shared by all replicas, all checked in one round trip.
-    `checks` holds (key, (count, window ms), field named in the 429)."""
+def _check_visitor(target: WidgetTarget, visitor_id: str, signature: object) -> None:
+    """May this request act as this visitor? With an identity secret, when the host signed the
+    id. Without one the id is the conversation's only credential (a bearer token), so it must
+    be one the widget drew at random: an id a host page made up ("customer-42") is guessable,
+    and whoever guesses it reads the conversation."""
+    if target.identity_secret is None and not _RANDOM_VISITOR_ID.fullmatch(visitor_id):
+        raise ApiError(
+            400,
+            "invalid",
+            "visitor_id must be the widget's random id (a version 4 UUID) unless the chatbot"
+            " verifies visitor identities with a signature",
+            "visitor_id",
+        )
+    _check_signature(target, visitor_id, signature)
+
+
+# (key, (count, window ms), field named in the 429, what the 429 says)
+Limit = tuple[str, tuple[int, int], str, str]
+
+
+async def _rate_limits(rt: Runtime, checks: list[Limit]) -> None:
+    """Fixed-window request limits shared by all replicas, all counted in one round trip.
+
+    All or nothing: a request refused by one limit is taken back from all of them, so a
+    visitor hammering beyond its own limit does not use up its chatbot's or tenant's budget
+    (and lock everyone else out). The refund is a second round trip, on refusals only."""
     now_ms = int(time.time() * 1000)
+    keys = [f"gw:rl:{key}:{now_ms // window}" for key, (_, window), _f, _m in checks]
     pipe = rt.redis.pipeline(transaction=False)
-    for key, (_, window), _field in checks:
-        redis_key = f"gw:rl:{key}:{now_ms // window}"
+    for redis_key, (_key, (_, window), _f, _m) in zip(keys, checks, strict=True):
         pipe.incr(redis_key)
         pipe.pexpire(redis_key, window)
     replies = await pipe.execute()
-    for i, (_key, (count, _), field) in enumerate(checks):
+    for i, (_key, (count, window), field, message) in enumerate(checks):
         if int(replies[2 * i]) > count:
-            raise ApiError(429, "rate_limited", "too many messages, slow down", field)
+            refund = rt.redis.pipeline(transaction=False)
+            for redis_key, (_k, (_, w), _f, _m) in zip(keys, checks, strict=True):
+                refund.decr(redis_key)
+                refund.pexpire(redis_key, w)  # (never a key left without a TTL)
+            await refund.execute()
+            retry_after = math.ceil((window - now_ms % window) / 1000)
+            raise ApiError(
+                429, "rate_limited", message, field, headers={"Retry-After": str(retry_after)}
+            )
 
 
 async def _target(request: web.Request) -> tuple[Runtime, WidgetTarget]:
@@ -178,23 +265,19 @@ async def _post_message(request: web.Request) -> web.Response:
     if not isinstance(body, dict):
         raise ApiError(400, "invalid_json", "the body must be a JSON object")
     visitor_id = _visitor_id(body.get("visitor_id"))
-    text = body.get("text")
-    if not isinstance(text, str) or not text.strip():
-        raise ApiError(400, "required", "text is required", "text")
-    limit = rt.settings.max_message_chars
-    if len(text) > limit:
-        raise ApiError(400, "too_long", f"text is longer than {limit} characters", "text")
-    client_id = body.get("client_message_id")
-    if not isinstance(client_id, str) or not _ID.match(client_id):
-        raise ApiError(
-            400, "invalid", "client_message_id is required (1-200 characters)", "client_message_id"
-        )
-    _check_signature(target, visitor_id, body.get("signature"))
+    text = _text(body.get("text"), rt.settings.max_message_chars)
+    client_id = _client_message_id(body.get("client_message_id"))
+    _check_visitor(target, visitor_id, _signature(request, body.get("signature")))
+    s = rt.settings
+    slow_down = "too many messages, slow down"
+    busy = "this chat is receiving too many messages; try again shortly"
     await _rate_limits(
         rt,
         [
-            (f"v:{target.chatbot_id}:{visitor_id}", rt.settings.visitor_rate, "visitor_id"),
-            (f"ip:{request.remote}", rt.settings.ip_rate, "ip"),
+            (f"v:{target.chatbot_id}:{visitor_id}", s.visitor_rate, "visitor_id", slow_down),
+            (f"ip:{rate_key(client_ip(request))}", s.ip_rate, "ip", slow_down),
+            (f"bot:{target.chatbot_id}", s.chatbot_rate, "public_key", busy),
+            (f"tenant:{target.tenant_id}", s.tenant_rate, "public_key", busy),
         ],
     )
 
@@ -214,7 +297,7 @@ async def _post_message(request: web.Request) -> web.Response:
             session,
             conversation_id=conversation.id,
             role="user",
-            text=text.strip(),
+            text=text,
             external_id=f"{visitor_id}:{client_id}",
             status="received",
         )
@@ -265,13 +348,17 @@ async def get_messages(request: web.Request) -> web.Response:
     rt, target = await _target(request)
     query = request.query
     visitor_id = _visitor_id(query.get("visitor_id"))
-    try:
-        after = int(query.get("after") or 0)
-    except ValueError:
-        raise ApiError(400, "invalid", "after must be an integer", "after") from None
-    if after < 0:
-        raise ApiError(400, "invalid", "after must not be negative", "after")
-    _check_signature(target, visitor_id, query.get("signature"))
+    after = _cursor(query.get("after"))
+    _check_visitor(target, visitor_id, _signature(request, query.get("signature")))
+    s = rt.settings
+    slow_down = "too many requests, slow down"
+    await _rate_limits(
+        rt,
+        [
+            (f"rv:{target.chatbot_id}:{visitor_id}", s.visitor_read_rate, "visitor_id", slow_down),
+            (f"rip:{rate_key(client_ip(request))}", s.ip_read_rate, "ip", slow_down),
+        ],
+    )
     async with rt.sessions() as session:
         contact = await find_contact(session, channel_id=target.channel_id, external_id=visitor_id)
         conversation = (
@@ -295,7 +382,7 @@ async def websocket(request: web.Request) -> web.StreamResponse:
     rt, target = await _target(request)
     visitor_id = _visitor_id(request.query.get("visitor_id"))
     # refused before the upgrade: a plain 4xx JSON error
-    _check_signature(target, visitor_id, request.query.get("signature"))
+    _check_visitor(target, visitor_id, request.query.get("signature"))
     settings = rt.settings
     ws = web.WebSocketResponse(heartbeat=25, max_msg_size=4096)
     hub = request.app[hub_key]
@@ -365,7 +452,7 @@ async def cors_middleware(request: web.Request, handler: Any) -> web.StreamRespo
         response.headers["Access-Control-Allow-Origin"] = request.headers.get("Origin", "*")
         response.headers["Vary"] = "Origin"
         response.headers["Access-Control-Allow-Methods"] = "GET, POST, OPTIONS"
-        response.headers["Access-Control-Allow-Headers"] = "Content-Type"
+        response.headers["Access-Control-Allow-Headers"] = f"Content-Type, {_SIGNATURE_HEADER}"
         response.headers["Access-Control-Max-Age"] = "600"
     return response
 

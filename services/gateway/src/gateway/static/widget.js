@@ -5,7 +5,8 @@
  *
  * Optional attributes: data-title, data-open="true", and for identity verification
  * data-visitor-id + data-signature (hex HMAC-SHA256 of the visitor id, computed server side by
- * the host). Plain JavaScript, no dependencies, no build step. Everything renders inside a Shadow
+ * the host; a chatbot without an identity secret takes only the widget's own random ids).
+ * Plain JavaScript, no dependencies, no build step. Everything renders inside a Shadow
  * DOM; the only global is window.ChatWidget {open(), close(), toggle(), send(text), visitorId}.
  * The host page may set the CSS variable --chat-widget-accent (it inherits into the shadow root).
  */
@@ -71,7 +72,9 @@
   function apiUrl(path, params) {
     const u = new URL(path, API);
     u.searchParams.set("visitor_id", visitorId);
-    if (signature) u.searchParams.set("signature", signature);
+    // HTTP calls send the signature in a header (URLs end up in proxies' access logs); a
+    // browser cannot set headers on a WebSocket, so the socket's URL carries it.
+    if (signature && path === "ws") u.searchParams.set("signature", signature);
     for (const [k, v] of Object.entries(params || {})) u.searchParams.set(k, String(v));
     return u;
   }
@@ -79,10 +82,12 @@
   async function request(u, body) {
     const abort = new AbortController();
     const timer = setTimeout(() => abort.abort(), REQUEST_TIMEOUT_MS);
+    const headers = body ? { "Content-Type": "application/json" } : {};
+    if (signature) headers["X-Visitor-Signature"] = signature;
     try {
       const res = await fetch(u, {
         method: body ? "POST" : "GET",
-        headers: body ? { "Content-Type": "application/json" } : {},
+        headers,
         body: body ? JSON.stringify(body) : undefined,
         credentials: "omit", // no cookies: the widget runs on other sites' pages
         cache: "no-store",
@@ -358,7 +363,6 @@
         visitor_id: visitorId,
         text: m.text,
         client_message_id: m.clientId,
-        ...(signature ? { signature } : {}),
       });
       if (res.message_id != null) bindId(m, String(res.message_id));
       setConversation(res.conversation_id);
