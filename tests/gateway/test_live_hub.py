@@ -35,7 +35,7 @@ from gateway.keys import hub_key
 from queue_core import connect
 from queue_core.types import RedisClient
 
-from .conftest import Bots, settings_for
+from .conftest import Bots, settings_for, visitor
 
 FRAME_DEADLINE_S = 2.0
 
@@ -156,17 +156,17 @@ async def test_a_socket_that_stops_reading_does_not_stall_other_visitors(
     reason: str,
 ) -> None:
     channel_id = await _channel_id(gateway_db, bots.plain)
-    slow_channel = visitor_channel(channel_id, "slow-reader")
-    fast_channel = visitor_channel(channel_id, "fast-reader")
+    slow_channel = visitor_channel(channel_id, visitor("slow-reader"))
+    fast_channel = visitor_channel(channel_id, visitor("fast-reader"))
     filler = orjson.dumps({"type": "typing", "on": True, "pad": "x" * 3000})
     async with _gateway(
         gateway_redis.url, gateway_db, secret_key, ws_send_queue=queue, ws_send_timeout_s=timeout
     ) as server:
         assert server.host is not None and server.port is not None
         base = f"/v1/widget/{bots.plain}/ws?visitor_id="
-        slow = await _raw_upgrade(server.host, server.port, base + "slow-reader")
+        slow = await _raw_upgrade(server.host, server.port, base + visitor("slow-reader"))
         try:
-            fast = await http.ws_connect(server.make_url(base + "fast-reader"))
+            fast = await http.ws_connect(server.make_url(base + visitor("fast-reader")))
             for name in (slow_channel, fast_channel):
                 await _until(partial(_subscribers, pub, name), 5, f"{name} subscribed")
             # ~3 MB for the slow reader: more than the kernel buffers for it, so its sends
@@ -199,9 +199,9 @@ async def test_a_socket_that_stops_reading_does_not_stall_other_visitors(
 async def test_a_lost_pubsub_connection_makes_every_socket_resync(
     client: Any, bots: Bots, gateway_db: str, pub: RedisClient
 ) -> None:
-    channel = visitor_channel(await _channel_id(gateway_db, bots.plain), "resync-a")
+    channel = visitor_channel(await _channel_id(gateway_db, bots.plain), visitor("resync-a"))
     await _hub_ready(client.server)
-    ws = await client.ws_connect(f"/v1/widget/{bots.plain}/ws?visitor_id=resync-a")
+    ws = await client.ws_connect(f"/v1/widget/{bots.plain}/ws?visitor_id={visitor('resync-a')}")
     await _until(lambda: _subscribers(pub, channel), 5, "subscribed")
     killed = await pub.client_kill_filter(_type="pubsub")
     assert killed >= 1
@@ -223,9 +223,9 @@ async def test_a_redis_restart_makes_every_socket_resync(
     server_redis = private_redis()
     pub = connect(server_redis.url)
     try:
-        channel = visitor_channel(await _channel_id(gateway_db, bots.plain), "resync-b")
+        channel = visitor_channel(await _channel_id(gateway_db, bots.plain), visitor("resync-b"))
         async with _gateway(server_redis.url, gateway_db, secret_key) as server:
-            url = server.make_url(f"/v1/widget/{bots.plain}/ws?visitor_id=resync-b")
+            url = server.make_url(f"/v1/widget/{bots.plain}/ws?visitor_id={visitor('resync-b')}")
             ws = await http.ws_connect(url)
             await _until(lambda: _subscribers(pub, channel), 5, "subscribed")
             await asyncio.to_thread(server_redis.restart, graceful=False, down_for=1.0)
@@ -246,11 +246,13 @@ async def test_shutdown_closes_sockets_with_going_away_at_once(
     pub: RedisClient,
     http: aiohttp.ClientSession,
 ) -> None:
-    channel = visitor_channel(await _channel_id(gateway_db, bots.plain), "leaving")
+    channel = visitor_channel(await _channel_id(gateway_db, bots.plain), visitor("leaving"))
     server = TestServer(create_app(settings_for(gateway_redis.url, gateway_db, secret_key)))
     await server.start_server()
     await _hub_ready(server)
-    ws = await http.ws_connect(server.make_url(f"/v1/widget/{bots.plain}/ws?visitor_id=leaving"))
+    ws = await http.ws_connect(
+        server.make_url(f"/v1/widget/{bots.plain}/ws?visitor_id={visitor('leaving')}")
+    )
     await _until(lambda: _subscribers(pub, channel), 5, "subscribed")
     started = time.monotonic()
     await asyncio.wait_for(server.close(), 30)
@@ -269,13 +271,13 @@ async def test_sockets_per_client_ip_are_limited(
 ) -> None:
     async with _gateway(gateway_redis.url, gateway_db, secret_key, ws_max_per_ip=2) as server:
         path = f"/v1/widget/{bots.plain}/ws?visitor_id="
-        first = await http.ws_connect(server.make_url(path + "ip-1"))
-        second = await http.ws_connect(server.make_url(path + "ip-2"))
+        first = await http.ws_connect(server.make_url(path + visitor("ip-1")))
+        second = await http.ws_connect(server.make_url(path + visitor("ip-2")))
         with pytest.raises(WSServerHandshakeError) as refused:
-            await http.ws_connect(server.make_url(path + "ip-3"))
+            await http.ws_connect(server.make_url(path + visitor("ip-3")))
         assert refused.value.status == 429
         # refused before the upgrade, as a JSON error naming the field
-        r = await http.get(server.make_url(path + "ip-3"))
+        r = await http.get(server.make_url(path + visitor("ip-3")))
         assert r.status == 429
         error = (await r.json())["error"]
         assert error["field"] == "ip" and error["code"] == "too_many_sockets"
@@ -284,7 +286,7 @@ async def test_sockets_per_client_ip_are_limited(
 
         async def third_accepted() -> bool:
             try:
-                third = await http.ws_connect(server.make_url(path + "ip-3"))
+                third = await http.ws_connect(server.make_url(path + visitor("ip-3")))
             except WSServerHandshakeError:
                 return False
             await third.close()
@@ -305,10 +307,10 @@ async def test_a_socket_flooding_frames_is_closed_with_policy_violation(
         gateway_redis.url, gateway_db, secret_key, ws_frame_rate=1.0, ws_frame_burst=5
     ) as server:
         path = f"/v1/widget/{bots.plain}/ws?visitor_id="
-        calm = await http.ws_connect(server.make_url(path + "calm"))
+        calm = await http.ws_connect(server.make_url(path + visitor("calm")))
         for _ in range(5):  # within the burst
             await calm.send_json({"type": "ack", "message_id": "not-a-uuid"})
-        flood = await http.ws_connect(server.make_url(path + "flood"))
+        flood = await http.ws_connect(server.make_url(path + visitor("flood")))
         for _ in range(50):
             await flood.send_json({"type": "ack", "message_id": "not-a-uuid"})
         message = await flood.receive(timeout=5)
@@ -342,3 +344,13 @@ def test_socket_limits_are_read_from_the_environment() -> None:
     for name, bad in (("WIDGET_WS_MAX_PER_IP", "0"), ("WIDGET_WS_SEND_TIMEOUT_S", "soon")):
         with pytest.raises(ConfigError, match=name):
             PipelineSettings.from_env({name: bad})
+
+
+async def test_an_unsigned_chatbot_refuses_a_made_up_visitor_id_on_the_socket(
+    client: Any, bots: Bots
+) -> None:
+    """Without an identity secret the visitor id is the conversation's only credential: the
+    socket takes the widget's random ids only, as the POST and GET do."""
+    r = await client.get(f"/v1/widget/{bots.plain}/ws?visitor_id=customer-42")
+    assert r.status == 400
+    assert (await r.json())["error"]["field"] == "visitor_id"

@@ -26,7 +26,7 @@ from gateway.workers import IncomingProcessor, OutgoingProcessor
 from queue_core import JobState
 from tests.fakes.openai_server import FakeOpenAIServer, status
 
-from .conftest import settings_for
+from .conftest import settings_for, visitor
 from .helpers import _job, _tenant
 
 
@@ -128,7 +128,7 @@ async def test_a_reply_reaches_a_socket_held_by_another_gateway_replica(
 
         bot = await get_chatbot(s, t["bot"])
         contact = await get_or_create_contact(
-            s, tenant_id=t["tenant"], channel_id=t["widget"], external_id="vis-1"
+            s, tenant_id=t["tenant"], channel_id=t["widget"], external_id=visitor("vis-1")
         )
         conversation = await get_or_create_conversation(s, contact, chatbot_id=t["bot"])
         reply = (
@@ -139,14 +139,16 @@ async def test_a_reply_reaches_a_socket_held_by_another_gateway_replica(
     assert bot is not None
     replica_a = create_app(settings_for(gateway_redis.url, gateway_db, secret_key))
     async with TestClient(TestServer(replica_a)) as client:
-        ws = await client.ws_connect(f"/v1/widget/{bot.widget_public_key}/ws?visitor_id=vis-1")
+        ws = await client.ws_connect(
+            f"/v1/widget/{bot.widget_public_key}/ws?visitor_id={visitor('vis-1')}"
+        )
         out = OutgoingMessage(
             tenant_id=t["tenant"],
             conversation_id=conversation.id,
             message_id=reply.id,
             channel_id=t["widget"],
             channel_kind="widget",
-            recipient_external_id="vis-1",
+            recipient_external_id=visitor("vis-1"),
             text=reply.text,
         )
         # the worker of "another replica" is this process's runtime: only Redis connects them
