@@ -350,3 +350,22 @@ async def test_one_process_reconciles_per_interval(rt: Runtime) -> None:
     a, b = Reconciler(rt), Reconciler(rt)
     assert not (await a.run_once()).skipped
     assert (await b.run_once()).skipped
+
+
+async def test_an_answer_job_that_failed_for_good_ends_in_the_fallback_reply(rt: Runtime) -> None:
+    """An answer job whose worker died more than QUEUE_MAX_STALLS times is dead-lettered; its
+    questions get the fallback reply at once (they used to get nothing)."""
+    from ai_worker.service import DeadLetterProcessor
+
+    t = await _tenant(rt)
+    conv = await _conversation(rt, t)
+    q = await _ask(rt, conv, "poison?")
+    dead = rt.pipeline.ai.dead_letter_queue()
+    job = _job(dead, _request(t, conv, q))
+    assert await DeadLetterProcessor(rt)(job) == "fallback"
+    assert await DeadLetterProcessor(rt)(job) == "answered", "once"
+    msgs = await _transcript(rt, conv)
+    assert [(m.role, m.text) for m in msgs] == [("user", "poison?"), ("assistant", "FALLBACK")]
+    assert msgs[0].reply_id == msgs[1].id
+    (out,) = await rt.pipeline.outgoing.list_jobs(JobState.WAITING)
+    assert OutgoingMessage.model_validate(out.data).text == "FALLBACK"

@@ -38,9 +38,10 @@ from chat_domain import (
 )
 from chat_domain.models import utcnow
 from chat_domain.payloads import IncomingMessage, OutgoingMessage
+from chat_domain.types import ChannelKind
 from chat_pipeline.runtime import Runtime
 
-__all__ = ["ReconcileResult", "Reconciler"]
+__all__ = ["ReconcileResult", "Reconciler", "answer_with_fallback"]
 
 log = logging.getLogger("chat_pipeline.reconcile")
 
@@ -175,32 +176,69 @@ class Reconciler:
         """The pipeline failed this conversation's questions `max_requeues` times: answer them
         with the chatbot's fallback reply (explicit, visible), once."""
         m = owed.message
-        try:
-            async with self.rt.sessions() as session, session.begin():
-                bot = await get_chatbot(session, owed.chatbot_id)
-                pending = await unanswered_messages(session, m.conversation_id)
-                if bot is None or not pending:
-                    return 0
-                reply = await store_reply(
-                    session,
-                    conversation_id=m.conversation_id,
-                    answers=[p.id for p in pending],
-                    text=bot.fallback_reply,
-                    external_id=f"fallback:{pending[0].id}",
-                )
-        except AlreadyAnsweredError:
-            return 0
-        log.error(
-            "conversation %s: %d questions unanswered after %d requeues; fallback reply sent",
-            m.conversation_id,
-            len(pending),
-            m.requeues,
-        )
         plan = await self._plan(owed.tenant_id, plans)
-        await self.rt.pipeline.enqueue_outgoing(
-            _outgoing(owed, reply.message.id, reply.message.text), plan
+        answered = await answer_with_fallback(
+            self.rt,
+            tenant_id=owed.tenant_id,
+            chatbot_id=owed.chatbot_id,
+            conversation_id=m.conversation_id,
+            channel_id=m.channel_id,
+            channel_kind=owed.channel_kind,
+            recipient=owed.recipient,
+            plan=plan,
         )
-        return 1
+        if answered:
+            log.error(
+                "conversation %s: %d questions unanswered after %d requeues; fallback reply",
+                m.conversation_id,
+                answered,
+                m.requeues,
+            )
+        return 1 if answered else 0
+
+
+async def answer_with_fallback(
+    rt: Runtime,
+    *,
+    tenant_id: uuid.UUID,
+    chatbot_id: uuid.UUID,
+    conversation_id: uuid.UUID,
+    channel_id: uuid.UUID,
+    channel_kind: ChannelKind,
+    recipient: str,
+    plan: QueuePriority,
+) -> int:
+    """Answer every unanswered question of the conversation with the chatbot's fallback reply
+    and hand it on; returns how many questions it answered (0: nothing was unanswered, or a
+    real answer won the race). Idempotent: the reply's key is its first question's id."""
+    try:
+        async with rt.sessions() as session, session.begin():
+            bot = await get_chatbot(session, chatbot_id)
+            pending = await unanswered_messages(session, conversation_id)
+            if bot is None or not pending:
+                return 0
+            reply = await store_reply(
+                session,
+                conversation_id=conversation_id,
+                answers=[p.id for p in pending],
+                text=bot.fallback_reply,
+                external_id=f"fallback:{pending[0].id}",
+            )
+    except AlreadyAnsweredError:
+        return 0
+    await rt.pipeline.enqueue_outgoing(
+        OutgoingMessage(
+            tenant_id=tenant_id,
+            conversation_id=conversation_id,
+            message_id=reply.message.id,
+            channel_id=channel_id,
+            channel_kind=channel_kind,
+            recipient_external_id=recipient,
+            text=reply.message.text,
+        ),
+        plan,
+    )
+    return len(pending)
 
 
 def _outgoing(owed: OwedMessage, message_id: uuid.UUID, text: str) -> OutgoingMessage:

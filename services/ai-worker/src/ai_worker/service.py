@@ -48,6 +48,7 @@ from chat_domain.types import ChannelKind
 from chat_pipeline import PipelineSettings, Runtime
 from chat_pipeline.cache import TTLCache
 from chat_pipeline.live import publish, status_frame, typing_frame, visitor_channel
+from chat_pipeline.reconcile import answer_with_fallback
 from chat_pipeline.supervision import WorkerSet, first_of, report_health
 from queue_core import DelayJob, Job, Worker
 
@@ -329,6 +330,45 @@ class AnswerProcessor:
         )
 
 
+class DeadLetterProcessor:
+    """An answer job that failed for good without answering (its worker died more than
+    QUEUE_MAX_STALLS times: a poison conversation) lands in the dead-letter queue; its
+    questions get the chatbot's fallback reply at once, never silence. (An answer job's own
+    last attempt already falls back; the reconciler covers jobs lost with Redis' data.)"""
+
+    def __init__(self, rt: Runtime) -> None:
+        self.rt = rt
+
+    async def __call__(self, job: Job) -> str:
+        req = AIRequest.model_validate(job.data)
+        async with self.rt.sessions() as session:
+            conversation = await get_conversation(session, req.conversation_id)
+            if conversation is None or conversation.status != "open":
+                return "no-bot"
+            channel = await get_channel(session, conversation.channel_id)
+            contact = await get_contact(session, conversation.contact_id)
+            plan = await get_queue_priority(session, req.tenant_id)
+        if channel is None or contact is None:
+            return "unroutable"
+        answered = await answer_with_fallback(
+            self.rt,
+            tenant_id=req.tenant_id,
+            chatbot_id=req.chatbot_id,
+            conversation_id=req.conversation_id,
+            channel_id=channel.id,
+            channel_kind=channel.kind,
+            recipient=contact.external_id,
+            plan=plan,
+        )
+        if answered:
+            log.error(
+                "conversation %s: answer job failed for good (%s); fallback reply",
+                req.conversation_id,
+                job.failed_reason or "dead-lettered",
+            )
+        return "fallback" if answered else "answered"
+
+
 async def run_worker(settings: PipelineSettings, stop: asyncio.Event) -> None:
     """Run until `stop` is set; raises if the queue worker dies (the process then exits and
     is restarted)."""
@@ -346,7 +386,14 @@ async def run_worker(settings: PipelineSettings, stop: asyncio.Event) -> None:
             stalled_interval=settings.stalled_interval_ms,
             max_stalled_count=settings.max_stalls,
         )
-        workers = WorkerSet([worker])
+        dead_letters = Worker(
+            rt.pipeline.ai.dead_letter_queue(),
+            DeadLetterProcessor(rt),
+            concurrency=2,
+            stalled_interval=settings.stalled_interval_ms,
+            max_stalled_count=settings.max_stalls,
+        )
+        workers = WorkerSet([worker, dead_letters])
         workers.start()
         log.info(
             "ai-worker running (concurrency %d, %s)",
