@@ -8,6 +8,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from queue_core import Queue
+from queue_core.connection import pipe_of
 from queue_core.scripts import scripts
 from queue_core.types import RedisClient
 
@@ -125,7 +126,8 @@ class Collector:
 
 class Faults:
     """Fault injection on a real client: calls of one script raise the queued errors first
-    (`pending`), or always while `always` is set. Used as a context manager."""
+    (`pending`), or always while `always` is set. Used as a context manager. Scripts go over
+    the client's pipelined connection (queue_core.pipe) when it has one, else `evalsha`."""
 
     def __init__(self, redis: RedisClient, script: str) -> None:
         self.sha = scripts()[script].sha
@@ -133,17 +135,24 @@ class Faults:
         self.pending: list[BaseException] = []
         self.always: BaseException | None = None
         self.raised = 0
-        self._original = redis.evalsha
+        self.calls = 0  # calls of the script, faulty or not
+        self._pipe = pipe_of(redis)
+        self._target: Any = self._pipe if self._pipe is not None else redis
+        self._name = "execute" if self._pipe is not None else "evalsha"
+        self._original = getattr(self._target, self._name)
 
-    async def __call__(self, sha: str, *args: Any) -> Any:
+    async def __call__(self, *args: Any) -> Any:
+        sha = args[1] if self._pipe is not None else args[0]
+        if sha == self.sha:
+            self.calls += 1
         if sha == self.sha and (self.pending or self.always is not None):
             self.raised += 1
             raise self.pending.pop(0) if self.pending else self.always  # type: ignore[misc]
-        return await self._original(sha, *args)
+        return await self._original(*args)
 
     def __enter__(self) -> Faults:
-        self.redis.evalsha = self  # type: ignore[method-assign]
+        setattr(self._target, self._name, self)
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.redis.evalsha = self._original  # type: ignore[method-assign]
+        setattr(self._target, self._name, self._original)

@@ -36,7 +36,6 @@ from queue_core import (
     connect,
     render_prometheus,
 )
-from queue_core.scripts import scripts
 from queue_core.types import RedisClient
 
 from .helpers import Faults, check_consistency, wait_for
@@ -231,22 +230,9 @@ async def test_a_control_exception_with_a_bad_delay_fails_the_job_not_the_worker
 
 async def _count_script_calls(redis: RedisClient, worker: Worker, name: str, seconds: float) -> int:
     """How often `worker` calls script `name` during `seconds` (counted on the client)."""
-    sha = scripts()[name].sha
-    calls = 0
-    original = redis.evalsha
-
-    async def counting(s: str, *args: Any) -> Any:
-        nonlocal calls
-        if s == sha:
-            calls += 1
-        return await original(s, *args)
-
-    redis.evalsha = counting  # type: ignore[method-assign]
-    try:
+    with Faults(redis, name) as counter:
         await asyncio.sleep(seconds)
-    finally:
-        redis.evalsha = original  # type: ignore[method-assign]
-    return calls
+    return counter.calls
 
 
 @pytest.mark.parametrize(

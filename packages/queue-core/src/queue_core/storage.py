@@ -15,6 +15,7 @@ from typing import Any
 import msgpack
 from redis.exceptions import NoScriptError, ResponseError
 
+from queue_core.connection import pipe_of
 from queue_core.errors import QueueError
 from queue_core.keys import QueueKeys
 from queue_core.scripts import Script, scripts
@@ -119,7 +120,7 @@ def group_info(reply: Sequence[Any]) -> GroupInfo:
 class Storage:
     """Redis access of one queue (its keys share one hash tag, so one Cluster slot)."""
 
-    __slots__ = ("_base", "_r", "_route", "_scripts", "keys", "redis")
+    __slots__ = ("_base", "_pipe", "_r", "_route", "_scripts", "keys", "redis")
 
     def __init__(self, redis: RedisClient, keys: QueueKeys) -> None:
         self.redis = redis
@@ -128,6 +129,13 @@ class Storage:
         self._base = keys.base
         self._route = [keys.meta]
         self._scripts = scripts()
+        # script calls go over queue-core's pipelined connection when the client has one
+        self._pipe = pipe_of(redis)
+
+    def _call(self, sha: str, *args: Any) -> Any:
+        if self._pipe is not None:
+            return self._pipe.execute("EVALSHA", sha, *args)
+        return self._r.evalsha(sha, *args)
 
     # -- calling scripts --------------------------------------------------------------------
 
@@ -135,13 +143,12 @@ class Storage:
         """One script call with the queue base as ARGV[1]. Redis errors propagate unchanged
         (the worker tells transient from permanent ones)."""
         script = self._scripts[name]
-        argv = (self._base, *args)
         try:
-            return await self._r.evalsha(script.sha, 1, *self._route, *argv)
+            return await self._call(script.sha, 1, self._route[0], self._base, *args)
         except NoScriptError:
             # the server lost its script cache (restart, SCRIPT FLUSH, a new cluster node)
             await self._r.script_load(script.source)
-            return await self._r.evalsha(script.sha, 1, *self._route, *argv)
+            return await self._call(script.sha, 1, self._route[0], self._base, *args)
 
     async def _admin(self, name: str, *args: Any) -> Any:
         """A script that refuses invalid operations with an error reply ("obliterate: pause the
@@ -189,10 +196,10 @@ class Storage:
         script = self._scripts["add_flow"]
         try:
             try:
-                ids = await self._r.evalsha(script.sha, 1, *self._route, nodes)
+                ids = await self._call(script.sha, 1, self._route[0], nodes)
             except NoScriptError:
                 await self._r.script_load(script.source)
-                ids = await self._r.evalsha(script.sha, 1, *self._route, nodes)
+                ids = await self._call(script.sha, 1, self._route[0], nodes)
         except ResponseError as exc:
             raise QueueError(str(exc).split(" script:", 1)[0]) from exc
         return [as_str(x) for x in ids]

@@ -772,17 +772,21 @@ end
 -- worker's inbox, so an idle worker gets its job in the same round trip that made it startable.
 local function handoff(B, M, now)
   local ik = B .. ':idle'
-  rcall('ZREMRANGEBYSCORE', ik, '-inf', now)
   while true do
-    local w = rcall('ZRANGE', ik, 0, 0)
+    -- (one command when nobody is idle, the common case under load)
+    local w = rcall('ZRANGE', ik, 0, 0, 'WITHSCORES')
     if not w[1] then return end
-    local pfx, lease = split_member(w[1])
-    local out = {}
-    if fetch(B, M, now, 1, pfx, now + lease, out, {}, true) == 0 then return end
-    rcall('ZREM', ik, w[1])
-    local lk = B .. ':w:' .. pfx
-    rcall('RPUSH', lk, cjson.encode(out))
-    rcall('PEXPIRE', lk, lease + 60000)
+    if tonumber(w[2]) <= now then
+      rcall('ZREMRANGEBYSCORE', ik, '-inf', now)  -- registrations whose worker went away
+    else
+      local pfx, lease = split_member(w[1])
+      local out = {}
+      if fetch(B, M, now, 1, pfx, now + lease, out, {}, true) == 0 then return end
+      rcall('ZREM', ik, w[1])
+      local lk = B .. ':w:' .. pfx
+      rcall('RPUSH', lk, cjson.encode(out))
+      rcall('PEXPIRE', lk, lease + 60000)
+    end
   end
 end
 
