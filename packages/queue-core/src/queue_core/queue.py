@@ -71,11 +71,28 @@ def _control(opts: JobOptions) -> tuple[Any, ...]:
 def _check_name(name: object) -> str:
     if not isinstance(name, str) or len(name) > 256:
         raise InvalidOptionError("name", "must be a string of at most 256 characters")
-    try:
-        name.encode()
-    except UnicodeEncodeError:
-        raise InvalidOptionError("name", "must be valid text (no lone surrogates)") from None
+    if not name.isascii():
+        try:
+            name.encode()
+        except UnicodeEncodeError:
+            raise InvalidOptionError("name", "must be valid text (no lone surrogates)") from None
     return name
+
+
+# The encoded options of the JobOptions objects seen last, by identity: hashing a JobOptions
+# (the lru caches' key) costs more than encoding a small job, and most adds share one object.
+_ENCODED: dict[int, tuple[JobOptions, tuple[Any, ...], list[str]]] = {}
+
+
+def _encoded_options(opts: JobOptions) -> tuple[tuple[Any, ...], list[str]]:
+    hit = _ENCODED.get(id(opts))
+    if hit is not None and hit[0] is opts:
+        return hit[1], hit[2]
+    if len(_ENCODED) >= 64:
+        _ENCODED.clear()
+    control, fields = _control(opts), opts.hash_fields()
+    _ENCODED[id(opts)] = (opts, control, fields)  # (holding opts keeps its id unique)
+    return control, fields
 
 
 @dataclass(slots=True)
@@ -140,7 +157,8 @@ class Queue(QueueAdmin, GroupControls, SchedulerControls):
         payload = dumps(data, "job data")
         if len(payload) > self.max_payload_bytes:
             raise PayloadTooLargeError(len(payload), self.max_payload_bytes)
-        return [*_control(opts), ["name", name, "data", payload, *opts.hash_fields()]]
+        control, fields = _encoded_options(opts)
+        return [*control, ["name", name, "data", payload, *fields]]
 
     def _options(self, options: JobOptions | None, overrides: dict[str, Any]) -> JobOptions:
         base = options if options is not None else self.default_options

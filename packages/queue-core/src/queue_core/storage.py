@@ -8,6 +8,7 @@ order, reply shapes, NOSCRIPT recovery and error mapping live in one place.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -42,7 +43,7 @@ def _s(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # (not frozen: a bulk add makes thousands, and frozen __init__ is slow)
 class AddReply:
     """One job of an `add_jobs` call. status: 1 added, 0 duplicate job id (`existing` is the
     stored hash as a flat field/value list), 2 deduplicated (`job_id` is the existing job),
@@ -53,7 +54,7 @@ class AddReply:
     existing: list[Any] | None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Leased:
     """A job leased to a worker: its id, lease token and hash (flat field/value list)."""
 
@@ -161,12 +162,22 @@ class Storage:
     async def _eval_many(self, script: Script, arg_lists: Sequence[Sequence[Any]]) -> list[Any]:
         """One script run several times in one round trip (not atomic across the calls)."""
         for attempt in range(2):
-            pipe = self._r.pipeline(transaction=False)
-            for args in arg_lists:
-                # (execute_command: redis-py's cluster pipeline refuses its evalsha method)
-                pipe.execute_command("EVALSHA", script.sha, 1, *self._route, *args)
             try:
-                return list(await pipe.execute())
+                if self._pipe is not None:
+                    # written back to back on the pipelined connection: one round trip
+                    pipe = self._pipe
+                    calls = [pipe.execute("EVALSHA", script.sha, 1, *self._route, *args)
+                             for args in arg_lists]  # fmt: skip
+                    results = await asyncio.gather(*calls, return_exceptions=True)
+                    for result in results:
+                        if isinstance(result, BaseException):
+                            raise result
+                    return list(results)
+                pipe_ = self._r.pipeline(transaction=False)
+                for args in arg_lists:
+                    # (execute_command: redis-py's cluster pipeline refuses its evalsha method)
+                    pipe_.execute_command("EVALSHA", script.sha, 1, *self._route, *args)
+                return list(await pipe_.execute())
             except NoScriptError:
                 if attempt:
                     raise
