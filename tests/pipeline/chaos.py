@@ -995,8 +995,8 @@ async def _drive(config: ChaosConfig, platform: ChaosPlatform, model_url: str) -
             supervisor.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await supervisor
-            for c in conversations:
-                await c.close()
+            closing = time.monotonic()
+            await asyncio.gather(*(c.close() for c in conversations))
         reads = asyncio.Semaphore(16)
 
         async def final(c: Conversation) -> None:
@@ -1004,6 +1004,7 @@ async def _drive(config: ChaosConfig, platform: ChaosPlatform, model_url: str) -
                 await c.final_messages()
 
         await asyncio.gather(*(final(c) for c in conversations))
+        read_s = time.monotonic() - closing
         calls = await driver.model_calls(model_url)
     settings = {
         k: v for k, v in asdict(config).items() if k not in ("env", "postgres", "keep_data")
@@ -1021,6 +1022,7 @@ async def _drive(config: ChaosConfig, platform: ChaosPlatform, model_url: str) -
             "planned_send_window_s": round(window, 1),
             "quiescence_s": round(quiesce_s, 1),
             "quiescent": quiescent,
+            "close_and_read_s": round(read_s, 1),
             "model_calls": calls,
         },
         unexpected_exits=driver.exits,
