@@ -157,6 +157,7 @@ def postgres(request: pytest.FixtureRequest) -> str | None:
     return str(request.getfixturevalue("postgres_server"))
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(400)
 @pytest.mark.parametrize("faults", [True, False], ids=["faults", "no-faults"])
 async def test_every_accepted_message_is_answered_once_in_order(
