@@ -352,6 +352,7 @@ class ConversationCheck:
     not_live: list[int] = field(default_factory=list)
     caught_up_on_reconnect: list[int] = field(default_factory=list)
     lost_user_messages: list[str] = field(default_factory=list)  # accepted, not stored
+    user_stored_twice: list[str] = field(default_factory=list)
     foreign_tokens: list[str] = field(default_factory=list)  # another conversation's token
     live_not_stored: list[str] = field(default_factory=list)  # reply ids
     redelivered: int = 0
@@ -369,6 +370,7 @@ class ConversationCheck:
             or self.duplicate_replies
             or self.out_of_order
             or self.lost_user_messages
+            or self.user_stored_twice
             or self.foreign_tokens
         )
 
@@ -401,6 +403,8 @@ def check_conversation(rec: ConversationRecord) -> ConversationCheck:
     for message in sorted(rec.stored, key=lambda m: int(m["seq"])):
         if message["role"] == "user":
             for token in TOKEN.findall(str(message["text"]))[:1]:
+                if token in users:  # a retried POST must not store the question again
+                    check.user_stored_twice.append(token)
                 users.setdefault(token, int(message["seq"]))
         elif message["role"] == "assistant":
             if message["id"] in ids_seen:
@@ -462,6 +466,7 @@ def describe_conversation(rec: ConversationRecord, check: ConversationCheck) -> 
         ("fallback #", check.fallback_replies),
         ("not live #", check.not_live),
         ("accepted but not stored", check.lost_user_messages),
+        ("question stored twice", check.user_stored_twice),
         ("other conversation's tokens", check.foreign_tokens),
     ):
         if items:
@@ -620,6 +625,7 @@ def analyse(
         total["not_live"] += len(check.not_live)
         total["caught_up_on_reconnect"] += len(check.caught_up_on_reconnect)
         total["lost_user_messages"] += len(check.lost_user_messages)
+        total["user_stored_twice"] += len(check.user_stored_twice)
         total["foreign_tokens"] += len(check.foreign_tokens)
         total["live_not_stored"] += len(check.live_not_stored)
         total["socket_redelivered"] += check.redelivered
@@ -630,7 +636,7 @@ def analyse(
                 latencies.append((at - s.accepted_at) * 1000)
     broken = [(rec, check) for rec, check in checks if check.broken]
     by_kind: dict[str, list[int]] = {}
-    for kind in (*ASSERTED, "lost_user_messages", "foreign_tokens"):
+    for kind in (*ASSERTED, "lost_user_messages", "user_stored_twice", "foreign_tokens"):
         hits = [rec.index for rec, check in broken if _has(check, kind)]
         if hits:
             by_kind[kind] = hits
@@ -650,6 +656,7 @@ def analyse(
         "not_live",
         "caught_up_on_reconnect",
         "lost_user_messages",
+        "user_stored_twice",
         "foreign_tokens",
         "live_not_stored",
         "socket_redelivered",

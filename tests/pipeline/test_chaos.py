@@ -130,11 +130,12 @@ def test_every_kind_of_breakage_is_counted() -> None:
     assert "unanswered Q1-2" in report.describe()
 
 
-def test_a_lost_question_and_a_slow_recovery_are_reported() -> None:
-    rec = _record([_user(1, "Q1-0"), _reply(2, "ANSWER Q1-0")], ["Q1-0", "Q1-1"])
+def test_lost_and_doubled_questions_and_a_slow_recovery_are_reported() -> None:
+    rec = _record([_user(1, "Q1-0"), _user(2, "Q1-0"), _reply(3, "ANSWER Q1-0")], ["Q1-0", "Q1-1"])
     rec.token_seen = {"Q1-0": 4.0}
     report = analyse([rec], faults=[Fault(kind="valkey", at=1.5, ready_at=2.0)])
     assert report.counts["lost_user_messages"] == 1  # accepted (202) yet not stored
+    assert report.counts["user_stored_twice"] == 1  # a retried POST stored it again
     assert report.counts["unanswered"] == 1
     (fault,) = report.faults
     assert fault["backlog"] == 2 and fault["backlog_never_seen"] == 1
