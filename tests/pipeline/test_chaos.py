@@ -13,10 +13,11 @@ result of the platform runs means something.
 
 from __future__ import annotations
 
+import aiohttp
 import pytest
 
 from tests.domain.conftest import postgres_server
-from tests.fakes.chaos_model import answer_text, pending_tokens
+from tests.fakes.chaos_model import ChaosModelServer, answer_text, pending_tokens
 from tests.pipeline.chaos import (
     ChaosConfig,
     ConversationRecord,
@@ -47,6 +48,20 @@ def test_the_model_answers_the_questions_after_the_last_reply() -> None:
     assert pending_tokens(messages) == ["Q1-1", "Q1-2"]
     assert answer_text(messages) == "ANSWER Q1-1 Q1-2"
     assert answer_text([*messages, {"role": "assistant", "content": "x"}]) == "ANSWER"
+
+
+async def test_the_model_server_answers_over_http_and_counts_calls() -> None:
+    async with (
+        ChaosModelServer(min_ms=0, max_ms=0, seed=1) as server,
+        aiohttp.ClientSession() as session,
+    ):
+        body = {"model": "m", "messages": [{"role": "user", "content": "Q3-0 hi"}]}
+        async with session.post(f"{server.base_url}/chat/completions", json=body) as response:
+            assert response.status == 200
+            completion = await response.json()
+        assert completion["choices"][0]["message"]["content"] == "ANSWER Q3-0"
+        async with session.get(f"{server.url}/_chaos/stats") as response:
+            assert await response.json() == {"calls": 1, "in_flight": 0}
 
 
 def _user(seq: int, token: str) -> dict[str, object]:
