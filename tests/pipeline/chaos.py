@@ -511,11 +511,18 @@ def _percentile(values: Sequence[float], p: float) -> float | None:
     return round(ordered[index], 1)
 
 
-def recovery(fault: Fault, records: Sequence[ConversationRecord], t0: float) -> dict[str, Any]:
+def recovery(
+    fault: Fault,
+    records: Sequence[ConversationRecord],
+    t0: float,
+    previous: Fault | None = None,
+) -> dict[str, Any]:
     """How the platform came back from one fault.
 
-    - backlog: questions accepted before the kill whose answer had not been seen yet;
-    - backlog_cleared_s: kill -> the last of them seen answered (None if some never were);
+    - backlog: questions in flight at the kill (accepted before it, no answer seen yet), less
+      those accepted before the previous fault and never answered (lost to that one);
+    - backlog_lost: of them, never seen answered (socket or reconnect GET);
+    - backlog_answered_s: kill -> the last of the answered ones seen;
     - first_new_reply_s: back up -> the first answer to a question accepted after that.
     """
     inflight = 0
@@ -527,25 +534,21 @@ def recovery(fault: Fault, records: Sequence[ConversationRecord], t0: float) -> 
             if s.accepted_at is None:
                 continue
             at = rec.token_seen.get(s.token)
-            if s.accepted_at < fault.at and (at is None or at > fault.at):
+            lost_before = at is None and previous is not None and s.accepted_at < previous.at
+            if s.accepted_at < fault.at and (at is None or at > fault.at) and not lost_before:
                 inflight += 1
                 if at is not None:
                     seen.append(at)
             if s.accepted_at >= back and at is not None and at >= back:
                 fresh.append(at)
-    cleared = None
-    if inflight == 0:
-        cleared = 0.0
-    elif len(seen) == inflight:
-        cleared = round(max(seen) - fault.at, 2)
     return {
         "kind": fault.kind,
         "at_s": round(fault.at - t0, 2),
         "back_up_s": None if fault.ready_at is None else round(fault.ready_at - fault.at, 2),
         "error": fault.error,
         "backlog": inflight,
-        "backlog_never_seen": inflight - len(seen),
-        "backlog_cleared_s": cleared,
+        "backlog_lost": inflight - len(seen),
+        "backlog_answered_s": round(max(seen) - fault.at, 2) if seen else None,
         "first_new_reply_s": round(min(fresh) - back, 2) if fresh else None,
     }
 
@@ -573,7 +576,6 @@ class ChaosReport:
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
         data["offenders"] = self.offenders[:20]
-        data["offending_by_kind"] = {k: v[:50] for k, v in self.offending_by_kind.items()}
         return data
 
     def describe(self, examples: int = 5) -> str:
@@ -678,7 +680,9 @@ def analyse(
             "p99": _percentile(latencies, 99),
             "max": round(max(latencies), 1) if latencies else None,
         },
-        faults=[recovery(f, records, t0) for f in faults],
+        faults=[
+            recovery(f, records, t0, faults[i - 1] if i else None) for i, f in enumerate(faults)
+        ],
         timings=timings or {},
         unexpected_exits=list(unexpected_exits),
         offenders=[described[i] for i in order],
