@@ -470,6 +470,9 @@ def describe_conversation(rec: ConversationRecord, check: ConversationCheck) -> 
         ("other conversation's tokens", check.foreign_tokens),
     ):
         if items:
+            if label.endswith(" #"):  # reply seqs
+                label = label.removesuffix(" #")
+                items = [f"#{i}" for i in items]
             problems.append(f"{label} {' '.join(str(i) for i in items)}")
     sent = []
     for s in rec.sent:
