@@ -369,3 +369,35 @@ async def test_an_answer_job_that_failed_for_good_ends_in_the_fallback_reply(rt:
     assert msgs[0].reply_id == msgs[1].id
     (out,) = await rt.pipeline.outgoing.list_jobs(JobState.WAITING)
     assert OutgoingMessage.model_validate(out.data).text == "FALLBACK"
+
+
+async def test_a_question_stored_while_the_answer_is_prepared_is_not_in_its_prompt(
+    rt: Runtime, fake_model: FakeOpenAIServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The answer claims the questions it read as unanswered; a question committed just after
+    that read must not reach the prompt (the model would answer it, and so would the next
+    job: the chaos run saw it)."""
+    import ai_worker.service as service
+    from chat_domain import create_engine, create_session_factory
+
+    t = await _tenant(rt, provider_url=fake_model.base_url)
+    conv = await _conversation(rt, t)
+    q1 = await _ask(rt, conv, "Q1")
+    real = service.unanswered_messages
+    other = create_engine(rt.settings.db)  # another process's connection
+
+    async def then_another_arrives(session: Any, conversation_id: uuid.UUID) -> Any:
+        pending = await real(session, conversation_id)
+        async with create_session_factory(other)() as s, s.begin():
+            await insert_message(s, conversation_id=conv, role="user", text="Q2")
+        return pending
+
+    monkeypatch.setattr(service, "unanswered_messages", then_another_arrives)
+    fake_model.script(echo("A: "))
+    processor = AnswerProcessor(rt)
+    try:
+        assert await processor(_job(rt.pipeline.ai, _request(t, conv, q1))) == "answered"
+    finally:
+        await processor.close()
+        await other.dispose()
+    assert [c for r, c in _prompt(fake_model.chat_requests[0]) if r == "user"] == ["Q1"]

@@ -228,10 +228,20 @@ def service_env(config: ChaosConfig, model_url: str) -> dict[str, str]:
         "PIPELINE_DEBOUNCE_MS": str(config.debounce_ms),
         # a killed ai-worker's job runs again after lock + stall interval (~3.5 s)
         "AI_LOCK_MS": "3000",
+        "QUEUE_LOCK_MS": "3000",
         "QUEUE_STALLED_INTERVAL_MS": "500",
+        # the reconciler: a stored message whose job was lost (Valkey restarted) is queued
+        # again after 3 s (x requeues + 1)
+        "RECONCILE_AFTER_MS": "3000",
+        "RECONCILE_INTERVAL_MS": "1000",
         "AI_BACKOFF_MS": "200",
         "WIDGET_VISITOR_RATE": "100000",
         "WIDGET_IP_RATE": "100000000",  # every visitor comes from 127.0.0.1
+        "WIDGET_CHATBOT_RATE": "100000000",
+        "WIDGET_TENANT_RATE": "100000000",
+        "WIDGET_VISITOR_READ_RATE": "100000000",
+        "WIDGET_IP_READ_RATE": "100000000",
+        "WIDGET_WS_MAX_PER_IP": "100000",
         "PLATFORM_SECRET_KEY": Fernet.generate_key().decode(),
         "LOG_LEVEL": "INFO",  # the ai-worker's readiness is its "running" log line
         **config.env,
@@ -710,7 +720,8 @@ class Conversation:
     def __init__(self, driver: Driver, index: int, rng: random.Random) -> None:
         self.driver = driver
         self.rng = rng
-        self.rec = ConversationRecord(index=index, visitor=f"chaos-{driver.run_id}-{index}")
+        # (the widget's random visitor ids: a chatbot without an identity secret takes no other)
+        self.rec = ConversationRecord(index=index, visitor=str(uuid.uuid4()))
         self.cursor = 0
         self._ws: aiohttp.ClientWebSocketResponse | None = None
         self._connected = asyncio.Event()

@@ -77,6 +77,7 @@ class PipelineSettings:
     ai_timeout_ms: int = 60_000
     ai_lock_ms: int = 30_000
     stalled_interval_ms: int = 30_000
+    queue_lock_ms: int = 30_000  # the gateway's workers' job lease (the AI worker: ai_lock_ms)
     # a job whose worker died this often is failed (then answered by the fallback): a kill or
     # two (a deploy, an OOM) must not cost a visitor the answer
     max_stalls: int = 3
@@ -141,6 +142,7 @@ class PipelineSettings:
             ai_timeout_ms=_int(env, "AI_JOB_TIMEOUT_MS", 60_000, 1000),
             ai_lock_ms=_int(env, "AI_LOCK_MS", 30_000, 500),
             stalled_interval_ms=_int(env, "QUEUE_STALLED_INTERVAL_MS", 30_000, 100),
+            queue_lock_ms=_int(env, "QUEUE_LOCK_MS", 30_000, 500),
             max_stalls=_int(env, "QUEUE_MAX_STALLS", 3),
             reconcile_interval_ms=_int(env, "RECONCILE_INTERVAL_MS", 10_000, 100),
             reconcile_after_ms=_int(env, "RECONCILE_AFTER_MS", 60_000, 100),

@@ -168,7 +168,12 @@ class AnswerProcessor:
             recent = await recent_messages(
                 session, conversation.id, limit=self.settings.history_messages
             )
-            history = history_for_prompt(recent)
+            # A question stored after `pending` was read is left to the next answer: the
+            # prompt must not ask what this reply will not claim.
+            asked = {m.id for m in pending}
+            history = history_for_prompt(
+                [m for m in recent if m.role != "user" or m.reply_id is not None or m.id in asked]
+            )
             question = "\n".join(m.text for m in pending)
             knowledge: list[ChunkHit] = []
             if chatbot.kb_enabled and self.settings.kb_passages:

@@ -212,6 +212,7 @@ def start_workers(rt: Runtime) -> WorkerSet:
             queue,
             processor,
             concurrency=concurrency,
+            lock_duration=s.queue_lock_ms,
             stalled_interval=s.stalled_interval_ms,
             max_stalled_count=s.max_stalls,
         )
