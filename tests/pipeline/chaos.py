@@ -231,8 +231,9 @@ def service_env(config: ChaosConfig, model_url: str) -> dict[str, str]:
         "QUEUE_LOCK_MS": "3000",
         "QUEUE_STALLED_INTERVAL_MS": "500",
         # the reconciler: a stored message whose job was lost (Valkey restarted) is queued
-        # again after 3 s (x requeues + 1)
-        "RECONCILE_AFTER_MS": "3000",
+        # again after 10 s (x requeues + 1); it gives up (the fallback reply) after 40 s, which
+        # a slow but working pipeline on a loaded 2-core machine must not reach
+        "RECONCILE_AFTER_MS": "10000",
         "RECONCILE_INTERVAL_MS": "1000",
         "AI_BACKOFF_MS": "200",
         "WIDGET_VISITOR_RATE": "100000",
