@@ -29,10 +29,17 @@ async def fake_openai() -> AsyncIterator[FakeOpenAIServer]:
 
 
 @contextmanager
-def fake_openai_process(args: Sequence[str] = (), *, timeout: float = 15.0) -> Iterator[str]:
-    """Run ``python -m tests.fakes.openai_server`` (on a free port unless ``args`` has
-    ``--port``) and yield its base URL once it accepts connections; terminated on exit."""
-    argv = [sys.executable, "-m", "tests.fakes.openai_server", *args]
+def fake_openai_process(
+    args: Sequence[str] = (),
+    *,
+    timeout: float = 15.0,
+    module: str = "tests.fakes.openai_server",
+    ready_prefix: str = READY_PREFIX,
+) -> Iterator[str]:
+    """Run ``python -m <module>`` (the fake OpenAI server, or a subclass of it such as the
+    chaos model) on a free port unless ``args`` has ``--port``, and yield its base URL once it
+    accepts connections; terminated on exit."""
+    argv = [sys.executable, "-m", module, *args]
     if "--port" not in args:
         argv += ["--port", "0"]
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "PYTHONUNBUFFERED": "1"}
@@ -43,7 +50,7 @@ def fake_openai_process(args: Sequence[str] = (), *, timeout: float = 15.0) -> I
         assert proc.stdout is not None
         deadline = time.monotonic() + timeout
         line = ""
-        while not line.startswith(READY_PREFIX):
+        while not line.startswith(ready_prefix):
             remaining = deadline - time.monotonic()
             if remaining <= 0 or proc.poll() is not None:
                 stderr = proc.stderr.read() if proc.poll() is not None and proc.stderr else ""
@@ -51,7 +58,7 @@ def fake_openai_process(args: Sequence[str] = (), *, timeout: float = 15.0) -> I
             ready, _, _ = select.select([proc.stdout], [], [], remaining)
             if ready:
                 line = proc.stdout.readline()
-        yield line[len(READY_PREFIX) :].strip()
+        yield line[len(ready_prefix) :].strip()
     finally:
         proc.terminate()
         try:

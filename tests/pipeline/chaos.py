@@ -37,32 +37,30 @@ import json
 import math
 import os
 import random
-import select
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 import urllib.error
 import urllib.request
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from contextlib import AsyncExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import aiohttp
-import asyncpg
+from bench._pg import temporary_database
 from cryptography.fernet import Fernet
-from sqlalchemy.engine import make_url
 
 from chat_pipeline.queues import AI, INCOMING, OUTGOING
 from devstack import free_port
 from devstack.platform import Platform, PlatformError
 from queue_core import Queue, connect
 from tests.fakes.chaos_model import ANSWER_PREFIX, READY_PREFIX, TOKEN
+from tests.fakes.fixtures import fake_openai_process
 
 __all__ = [
     "ChaosConfig",
@@ -249,69 +247,20 @@ def service_env(config: ChaosConfig, model_url: str) -> dict[str, str]:
     }
 
 
-@contextlib.contextmanager
 def chaos_model_process(
     min_ms: float, max_ms: float, seed: int, *, timeout: float = 15.0
-) -> Iterator[str]:
+) -> contextlib.AbstractContextManager[str]:
     """Run the chaos model as a process; yield its base URL; terminate it on exit."""
-    argv = [
-        sys.executable,
-        "-m",
-        "tests.fakes.chaos_model",
-        "--port",
-        "0",
-        "--min-ms",
-        str(min_ms),
-        "--max-ms",
-        str(max_ms),
-        "--seed",
-        str(seed),
-    ]
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen(
-        argv, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    args = ["--min-ms", str(min_ms), "--max-ms", str(max_ms), "--seed", str(seed)]
+    return fake_openai_process(
+        args, timeout=timeout, module="tests.fakes.chaos_model", ready_prefix=READY_PREFIX
     )
-    try:
-        assert proc.stdout is not None
-        deadline = time.monotonic() + timeout
-        line = ""
-        while not line.startswith(READY_PREFIX):
-            remaining = deadline - time.monotonic()
-            if remaining <= 0 or proc.poll() is not None:
-                err = proc.stderr.read() if proc.poll() is not None and proc.stderr else ""
-                raise PlatformError(f"the chaos model did not start: {line!r} {err}")
-            ready, _, _ = select.select([proc.stdout], [], [], remaining)
-            if ready:
-                line = proc.stdout.readline()
-        yield line[len(READY_PREFIX) :].strip()
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        for stream in (proc.stdout, proc.stderr):
-            if stream is not None:
-                stream.close()
 
 
-@contextlib.asynccontextmanager
-async def fresh_postgres_database(server_url: str) -> AsyncIterator[str]:
+def fresh_postgres_database(server_url: str) -> contextlib.AbstractAsyncContextManager[str]:
     """A new, uniquely named database on the server of `server_url` for one run; its
     ``postgresql+asyncpg://`` URL; dropped (connections closed) afterwards."""
-    server = make_url(server_url).set(drivername="postgresql")
-    name = f"chaos_{uuid.uuid4().hex[:10]}"
-    admin = await asyncpg.connect(server.render_as_string(hide_password=False), timeout=5)
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
-        try:
-            url = server.set(drivername="postgresql+asyncpg", database=name)
-            yield url.render_as_string(hide_password=False)
-        finally:
-            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        await admin.close()
+    return temporary_database(server_url, "chaos")
 
 
 # -- what was observed --------------------------------------------------------------------------
