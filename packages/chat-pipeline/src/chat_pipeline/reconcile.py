@@ -102,7 +102,7 @@ class Reconciler:
                     fallen.add(owed.message.conversation_id)
                     fallbacks += await self._fall_back(owed, plans)
                 continue
-            await self._requeue_question(owed, plans)
+            await self._requeue(owed, plans)
             requeued_q += 1
         for owed in replies:
             if not self._due(owed):
@@ -119,7 +119,7 @@ class Reconciler:
                 log.error("reply %s could not be handed on; marked failed", owed.message.id)
                 failed += 1
                 continue
-            await self._requeue_reply(owed, plans)
+            await self._requeue(owed, plans)
             requeued_r += 1
         return ReconcileResult(requeued_q, requeued_r, fallbacks, failed)
 
@@ -137,40 +137,30 @@ class Reconciler:
                 plans[tenant_id] = await get_queue_priority(session, tenant_id)
         return plans[tenant_id]
 
-    async def _requeue_question(
-        self, owed: OwedMessage, plans: dict[uuid.UUID, QueuePriority]
-    ) -> None:
+    async def _requeue(self, owed: OwedMessage, plans: dict[uuid.UUID, QueuePriority]) -> None:
+        """Queue an owed question (incoming) or reply (outgoing) again, under a new job id."""
         m = owed.message
         plan = await self._plan(owed.tenant_id, plans)
         async with self.rt.sessions() as session, session.begin():
             await note_requeued(session, [m.id])
-        await self.rt.pipeline.enqueue_incoming(
-            IncomingMessage(
-                tenant_id=owed.tenant_id,
-                chatbot_id=owed.chatbot_id,
-                channel_id=m.channel_id,
-                channel_kind=owed.channel_kind,
-                external_user_id=owed.recipient,
-                text=m.text,
-                external_message_id=m.external_id,
-                received_at=m.created_at,
-                message_id=m.id,
-                conversation_id=m.conversation_id,
-            ),
-            plan,
-            requeue=m.requeues + 1,
+        if m.role != "user":
+            await self.rt.pipeline.enqueue_outgoing(
+                _outgoing(owed, m.id, m.text), plan, requeue=m.requeues + 1
+            )
+            return
+        incoming = IncomingMessage(
+            tenant_id=owed.tenant_id,
+            chatbot_id=owed.chatbot_id,
+            channel_id=m.channel_id,
+            channel_kind=owed.channel_kind,
+            external_user_id=owed.recipient,
+            text=m.text,
+            external_message_id=m.external_id,
+            received_at=m.created_at,
+            message_id=m.id,
+            conversation_id=m.conversation_id,
         )
-
-    async def _requeue_reply(
-        self, owed: OwedMessage, plans: dict[uuid.UUID, QueuePriority]
-    ) -> None:
-        m = owed.message
-        plan = await self._plan(owed.tenant_id, plans)
-        async with self.rt.sessions() as session, session.begin():
-            await note_requeued(session, [m.id])
-        await self.rt.pipeline.enqueue_outgoing(
-            _outgoing(owed, m.id, m.text), plan, requeue=m.requeues + 1
-        )
+        await self.rt.pipeline.enqueue_incoming(incoming, plan, requeue=m.requeues + 1)
 
     async def _fall_back(self, owed: OwedMessage, plans: dict[uuid.UUID, QueuePriority]) -> int:
         """The pipeline failed this conversation's questions `max_requeues` times: answer them
