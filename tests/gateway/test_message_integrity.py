@@ -401,3 +401,74 @@ async def test_a_question_stored_while_the_answer_is_prepared_is_not_in_its_prom
         await processor.close()
         await other.dispose()
     assert [c for r, c in _prompt(fake_model.chat_requests[0]) if r == "user"] == ["Q1"]
+
+
+# -- a dependency that is down: 503 before storing, 202 once stored ------------------------------
+
+
+async def _stored_for(db_url: str, visitor_id: str) -> list[Any]:
+    from sqlalchemy import select
+
+    from chat_domain import create_engine, create_session_factory
+    from chat_domain.models import Message
+
+    engine = create_engine(db_url)
+    try:
+        async with create_session_factory(engine)() as s:
+            rows = await s.scalars(
+                select(Message).where(Message.external_id.like(f"{visitor_id}:%"))
+            )
+            return list(rows)
+    finally:
+        await engine.dispose()
+
+
+async def test_a_post_while_redis_is_down_is_a_503_and_stores_nothing(
+    gateway_db: str, secret_key: str, bots: Any
+) -> None:
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from devstack import free_port
+    from gateway.app import create_app
+
+    from .conftest import visitor
+
+    app = create_app(settings_for(f"redis://127.0.0.1:{free_port()}/0", gateway_db, secret_key))
+    who = visitor("redis-down")
+    async with TestClient(TestServer(app)) as client:
+        r = await client.post(
+            f"/v1/widget/{bots.plain}/messages",
+            json={"visitor_id": who, "text": "hello?", "client_message_id": "c1"},
+        )
+        assert r.status == 503, await r.text()
+        assert r.headers["Retry-After"] == "2"
+        assert (await r.json())["error"]["code"] == "unavailable"
+    assert await _stored_for(gateway_db, who) == []
+
+
+async def test_a_message_stored_before_queueing_failed_is_accepted(
+    gateway_redis: RedisServer, gateway_db: str, secret_key: str, bots: Any
+) -> None:
+    """Redis fails after the message is stored: the visitor gets 202 (the reconciler queues
+    it), never a 500 that the widget would retry into a duplicate question."""
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from gateway.app import create_app
+    from gateway.keys import runtime_key
+    from tests.queue_core.helpers import Faults
+
+    from .conftest import visitor
+
+    app = create_app(settings_for(gateway_redis.url, gateway_db, secret_key))
+    who = visitor("queueing-fails")
+    async with TestClient(TestServer(app)) as client:
+        with Faults(app[runtime_key].redis, "add_jobs") as faults:
+            faults.always = ConnectionError("Redis went away")
+            r = await client.post(
+                f"/v1/widget/{bots.plain}/messages",
+                json={"visitor_id": who, "text": "still there?", "client_message_id": "c1"},
+            )
+        assert r.status == 202, await r.text()
+        assert faults.raised >= 1
+    (stored,) = await _stored_for(gateway_db, who)
+    assert stored.status == "received" and stored.reply_id is None
