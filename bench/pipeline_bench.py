@@ -4,7 +4,9 @@
 
 Starts what `make run` starts (private Valkey, SQLite with migrations, the demo tenant, the
 gateway and ai-worker processes) in a temporary directory, with a local fake OpenAI-compatible
-server that answers at once (echo), PIPELINE_DEBOUNCE_MS=0 (an instant answer, so what is
+server that answers at once (echoing every question its request asks, one per line: a reply
+to a burst that arrived while the previous answer was made names all of it),
+PIPELINE_DEBOUNCE_MS=0 (an instant answer, so what is
 measured is the pipeline itself) and the widget rate limits lifted. Each service runs through
 bench/_counted_service.py, which counts its SQL statements. One load-generator process (this
 one) shares the 2 cores with everything else.
@@ -130,7 +132,10 @@ class Live:
                 break
             frame = json.loads(message.data)
             if frame.get("type") == "message" and frame["message"]["role"] == "assistant":
-                self.replies.setdefault(frame["message"]["text"], time.perf_counter())
+                # one line per question it answers (a coalesced burst is answered together)
+                now = time.perf_counter()
+                for line in frame["message"]["text"].split("\n"):
+                    self.replies.setdefault(line, now)
                 async with self.arrived:
                     self.arrived.notify_all()
                 await ws.send_json({"type": "ack", "message_id": frame["message"]["id"]})
@@ -522,7 +527,7 @@ async def start_and_run(args: argparse.Namespace, data_dir: Path) -> dict[str, A
             "BENCH_COUNTS_DIR": str(counts_dir),
             "LLM_API_KEY": "bench-key",
             "LLM_MODEL": "fake-model",
-            "LLM_BASE_URL": stack.enter_context(fake_openai_process()),
+            "LLM_BASE_URL": stack.enter_context(fake_openai_process(["--reply-mode", "echo-all"])),
         }
         env.update(item.split("=", 1) for item in args.env)
         if args.postgres:

@@ -10,6 +10,7 @@ import pytest
 from ai_worker import ProviderConfig, RetryableLLMError, create_llm_client
 from tests.fakes.fixtures import fake_openai_process
 from tests.fakes.openai_server import (
+    Echo,
     FakeOpenAIServer,
     behaviour_from_json,
     behaviour_to_json,
@@ -120,3 +121,21 @@ async def test_process_mode_fail_status() -> None:
             with pytest.raises(RetryableLLMError) as info:
                 await client.complete(HELLO)  # type: ignore[arg-type]
     assert info.value.status == 500
+
+
+async def test_echo_all_names_every_question_after_the_last_answer(
+    fake_openai: FakeOpenAIServer,
+) -> None:
+    fake_openai.script(Echo(all_pending=True))
+    body = {
+        "model": "m",
+        "messages": [
+            {"role": "user", "content": "q1"},
+            {"role": "assistant", "content": "a1"},
+            {"role": "user", "content": "q2"},
+            {"role": "user", "content": "q3"},
+        ],
+    }
+    async with httpx2.AsyncClient() as http:
+        r = await http.post(f"{fake_openai.base_url}/chat/completions", json=body)
+    assert r.json()["choices"][0]["message"]["content"] == "q2\nq3"

@@ -72,9 +72,12 @@ class Reply:
 
 @dataclass(frozen=True, slots=True)
 class Echo:
-    """``200`` whose text is ``prefix`` + the content of the last user message."""
+    """``200`` whose text is ``prefix`` + the content of the last user message, or with
+    ``all_pending`` of every user message after the last assistant message, one per line (a
+    reply that answers a coalesced burst then names each of its questions)."""
 
     prefix: str = ""
+    all_pending: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -461,15 +464,19 @@ class FakeOpenAIServer:
         if isinstance(behaviour, Reply):
             return web.json_response(self._completion(behaviour, body))
         if isinstance(behaviour, Echo):
-            last_user = next(
-                (
-                    _content_text(m.get("content"))
-                    for m in reversed(body["messages"])
-                    if isinstance(m, dict) and m.get("role") == "user"
-                ),
-                "",
+            messages = [m for m in body["messages"] if isinstance(m, dict)]
+            users = [_content_text(m.get("content")) for m in messages if m.get("role") == "user"]
+            if behaviour.all_pending:
+                users = []
+                for m in reversed(messages):
+                    if m.get("role") == "assistant":
+                        break
+                    if m.get("role") == "user":
+                        users.insert(0, _content_text(m.get("content")))
+            text = behaviour.prefix + (
+                "\n".join(users) if behaviour.all_pending else users[-1] if users else ""
             )
-            return web.json_response(self._completion(Reply(behaviour.prefix + last_user), body))
+            return web.json_response(self._completion(Reply(text), body))
         if isinstance(behaviour, Status):
             headers = dict(behaviour.headers)
             if behaviour.retry_after is not None:
@@ -594,7 +601,7 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0, help="0 picks a free port (printed)")
-    parser.add_argument("--reply-mode", choices=("echo", "fixed"), default="echo")
+    parser.add_argument("--reply-mode", choices=("echo", "echo-all", "fixed"), default="echo")
     parser.add_argument("--fixed-text", default="This is a reply from the fake model.")
     parser.add_argument("--echo-prefix", default="", help="prepended to echoed text")
     parser.add_argument(
@@ -621,7 +628,7 @@ def default_behaviour(args: argparse.Namespace) -> Behaviour:
     elif args.reply_mode == "fixed":
         behaviour = Reply(args.fixed_text)
     else:
-        behaviour = Echo(args.echo_prefix)
+        behaviour = Echo(args.echo_prefix, all_pending=args.reply_mode == "echo-all")
     if args.latency > 0:
         behaviour = Delay(args.latency, behaviour)
     return behaviour
