@@ -1,0 +1,1 @@
+"""Channels: the seam (`base`) and one module per channel kind."""
