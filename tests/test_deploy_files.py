@@ -60,7 +60,10 @@ def test_every_compose_service_resolves() -> None:
         unknown = set(spec.get("environment", {})) - known_env
         assert not unknown, f"{name} sets variables no code reads: {unknown}"
     assert services["gateway"]["environment"]["GATEWAY_ROLE"] == "http"
-    assert services["gateway-worker"]["environment"]["GATEWAY_ROLE"] == "workers"
+    # the workers bind no port: their own entry point, liveness through its health command
+    assert services["gateway-worker"]["command"] == ["gateway-workers"]
+    assert services["gateway-worker"]["healthcheck"]["test"][-2:] == ["gateway-workers", "health"]
+    assert services["ai-worker"]["healthcheck"]["test"][-2:] == ["ai-worker", "health"]
 
 
 def test_dockerfile_copies_every_workspace_member() -> None:

@@ -27,9 +27,9 @@ from chat_domain import (
 )
 from chat_domain.payloads import AIRequest, OutgoingMessage
 from chat_pipeline import Runtime
+from chat_pipeline.processors import IncomingProcessor, OutgoingProcessor
 from chat_pipeline.reconcile import Reconciler, ReconcileResult
 from devstack import RedisServer
-from gateway.workers import IncomingProcessor, OutgoingProcessor
 from queue_core import DelayJob, JobState
 from tests.domain.helpers import migrate
 from tests.fakes.openai_server import FakeOpenAIServer, delay, echo

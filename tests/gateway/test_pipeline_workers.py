@@ -20,9 +20,9 @@ from chat_domain import (
 )
 from chat_domain.payloads import AIRequest, IncomingMessage, OutgoingMessage
 from chat_pipeline import Runtime
+from chat_pipeline.processors import IncomingProcessor, OutgoingProcessor
 from devstack import RedisServer
 from gateway.app import create_app
-from gateway.workers import IncomingProcessor, OutgoingProcessor
 from queue_core import JobState
 from tests.fakes.openai_server import FakeOpenAIServer, status
 
@@ -285,7 +285,7 @@ async def test_retention_runs_from_an_idempotent_daily_schedule(rt: Runtime) -> 
     from datetime import timedelta
 
     from chat_domain import set_retention_days
-    from gateway.workers import RetentionProcessor, schedule_maintenance
+    from chat_pipeline.processors import RetentionProcessor, schedule_maintenance
 
     t = await _tenant(rt)
     async with rt.sessions() as s, s.begin():

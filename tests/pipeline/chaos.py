@@ -5,7 +5,7 @@ What runs (each its own process, as in production):
 
 - Valkey persisting like production (AOF, ``appendfsync everysec``: devstack's ``RedisServer``
   with ``persist=True``), SQLite, or a fresh database on a PostgreSQL server per run;
-- the gateway's HTTP side (``GATEWAY_ROLE=http``), its queue workers (``GATEWAY_ROLE=workers``)
+- the gateway's HTTP side (``GATEWAY_ROLE=http``), its queue workers (``gateway-workers``)
   and the ai-worker, with short lock / stall timings so a crash is recovered in seconds;
 - a fake model (``tests/fakes/chaos_model.py``) that answers after 50-400 ms with the tokens of
   the questions it was asked (``ANSWER Q17-3 Q17-4``), so the replies tell what they answered.
@@ -41,15 +41,13 @@ import shutil
 import subprocess
 import tempfile
 import time
-import urllib.error
-import urllib.request
 import uuid
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from contextlib import AsyncExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import aiohttp
 from bench._pg import temporary_database
@@ -121,7 +119,10 @@ class ChaosPlatform(Platform):
     """The platform with the gateway's HTTP side and its queue workers as separate processes,
     and the faults the harness injects."""
 
-    AI_READY_LINE = "ai-worker running"
+    READY_LINES: ClassVar[dict[str, str]] = {
+        AI_WORKER: "ai-worker running",
+        GATEWAY_WORKERS: "gateway workers running",
+    }
 
     def __init__(
         self,
@@ -136,14 +137,9 @@ class ChaosPlatform(Platform):
             env=env,
             services=(GATEWAY_HTTP, GATEWAY_WORKERS, AI_WORKER),
             database_url=database_url,
-            commands={GATEWAY_WORKERS: ["-m", "gateway"]},
+            commands={GATEWAY_WORKERS: ["-m", "gateway.worker_service"]},
         )
-        self.workers_port = free_port()
-        # the workers role serves /readyz on a port of its own once its workers run
-        self.service_env = {
-            GATEWAY_HTTP: {"GATEWAY_ROLE": "http"},
-            GATEWAY_WORKERS: {"GATEWAY_ROLE": "workers", "GATEWAY_PORT": str(self.workers_port)},
-        }
+        self.service_env = {GATEWAY_HTTP: {"GATEWAY_ROLE": "http"}}
 
     def start_service(self, name: str) -> subprocess.Popen[bytes]:
         # Platform gives every service one environment; the two gateway roles differ in it
@@ -159,31 +155,22 @@ class ChaosPlatform(Platform):
         for name in (GATEWAY_WORKERS, AI_WORKER):
             self.wait_service_ready(name, 0, timeout)
 
-    def ai_worker_starts(self) -> int:
-        path = self.logs / f"{AI_WORKER}.log"
-        return path.read_text(errors="replace").count(self.AI_READY_LINE) if path.exists() else 0
+    def starts(self, name: str) -> int:
+        """How often `name` logged that it runs (the worker services bind no port)."""
+        path = self.logs / f"{name}.log"
+        line = self.READY_LINES[name]
+        return path.read_text(errors="replace").count(line) if path.exists() else 0
 
     def wait_service_ready(self, name: str, starts_before: int, timeout: float = 60.0) -> None:
-        """Until `name` serves: the workers role answers /readyz, the ai-worker logged that it
-        runs (for the `starts_before + 1`-th time)."""
+        """Until `name` serves: a worker service logged that it runs (for the
+        `starts_before + 1`-th time)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             proc = self.processes.get(name)
             if proc is None or proc.poll() is not None:
                 code = None if proc is None else proc.returncode
                 raise PlatformError(f"{name} exited with {code}:\n{self.log_tail(name)}")
-            if name == AI_WORKER:
-                if self.ai_worker_starts() > starts_before:
-                    return
-            elif name == GATEWAY_WORKERS:
-                url = f"http://{self.host}:{self.workers_port}/readyz"
-                with (
-                    contextlib.suppress(urllib.error.URLError, OSError),
-                    urllib.request.urlopen(url, timeout=1) as response,
-                ):
-                    if response.status == 200:
-                        return
-            else:
+            if name not in self.READY_LINES or self.starts(name) > starts_before:
                 return
             time.sleep(0.05)
         raise PlatformError(f"{name} was not ready in {timeout}s:\n{self.log_tail(name)}")
@@ -198,7 +185,7 @@ class ChaosPlatform(Platform):
             time.sleep(down_s)
             self.redis.start()  # same port, same data directory
             return
-        starts = self.ai_worker_starts()
+        starts = self.starts(target) if target in self.READY_LINES else 0
         self.kill_service(target)
         time.sleep(down_s)
         self.start_service(target)

@@ -47,10 +47,10 @@ from chat_domain.payloads import AIRequest, OutgoingMessage
 from chat_domain.types import ChannelKind
 from chat_pipeline import PipelineSettings, Runtime
 from chat_pipeline.cache import TTLCache
+from chat_pipeline.consumer import pipeline_worker, serve_workers
 from chat_pipeline.live import publish, status_frame, typing_frame, visitor_channel
 from chat_pipeline.reconcile import answer_with_fallback
-from chat_pipeline.supervision import WorkerSet, first_of, report_health
-from queue_core import DelayJob, Job, Worker
+from queue_core import DelayJob, Job
 
 __all__ = ["AnswerProcessor", "llm_backoff", "run_worker"]
 
@@ -375,41 +375,31 @@ class DeadLetterProcessor:
 
 
 async def run_worker(settings: PipelineSettings, stop: asyncio.Event) -> None:
-    """Run until `stop` is set; raises if the queue worker dies (the process then exits and
-    is restarted)."""
+    """Run until `stop` is set; raises if a queue worker dies (the process then exits and is
+    restarted)."""
     rt = await Runtime.start(settings)
     processor = AnswerProcessor(rt)
     try:
-        await rt.pipeline.configure(rt.pipeline.ai)
-        worker = Worker(
-            rt.pipeline.ai,
-            processor,
-            concurrency=settings.ai_concurrency,
-            backoff_strategies={"llm": llm_backoff(settings.ai_backoff_ms)},
+        ai = rt.pipeline.ai
+        await rt.pipeline.configure(ai)
+        workers = [
             # a dead worker's job restarts after at most lock + stalled interval
-            lock_duration=settings.ai_lock_ms,
-            stalled_interval=settings.stalled_interval_ms,
-            max_stalled_count=settings.max_stalls,
-        )
-        dead_letters = Worker(
-            rt.pipeline.ai.dead_letter_queue(),
-            DeadLetterProcessor(rt),
-            concurrency=2,
-            stalled_interval=settings.stalled_interval_ms,
-            max_stalled_count=settings.max_stalls,
-        )
-        workers = WorkerSet([worker, dead_letters])
-        workers.start()
+            pipeline_worker(
+                rt,
+                ai,
+                processor,
+                concurrency=settings.ai_concurrency,
+                lock_ms=settings.ai_lock_ms,
+                backoff_strategies={"llm": llm_backoff(settings.ai_backoff_ms)},
+            ),
+            pipeline_worker(rt, ai.dead_letter_queue(), DeadLetterProcessor(rt), concurrency=2),
+        ]
         log.info(
             "ai-worker running (concurrency %d, %s)",
             settings.ai_concurrency,
             "LLM " + settings.llm_base_url if settings.llm_api_key else "offline answers",
         )
-        async with report_health("ai-worker", workers):
-            error = await first_of(stop.wait(), workers.failed())
-        await workers.close(30)
-        if isinstance(error, BaseException):
-            raise error
+        await serve_workers("ai-worker", stop, workers)
     finally:
         await processor.close()
         await rt.close()

@@ -1,8 +1,8 @@
 """`gateway` / `python -m gateway`: the HTTP gateway and its queue workers.
 
 GATEWAY_ROLE=all (default) runs both; `http` only the HTTP side; `workers` only the
-incoming-messages and outgoing-messages workers (scale them separately). Settings come from
-the environment: docs/configuration.md.
+pipeline's workers, without HTTP (the same as `gateway-workers`; scale them separately).
+Settings come from the environment: docs/configuration.md.
 """
 
 from __future__ import annotations

@@ -14,13 +14,13 @@ from sqlalchemy import text
 
 from chat_domain import get_chatbot_by_widget_key
 from chat_pipeline import PipelineSettings, Runtime
+from chat_pipeline.processors import schedule_maintenance, start_workers
 from chat_pipeline.reconcile import Reconciler
 from chat_pipeline.supervision import WorkerSet, first_of
 from gateway import widget
 from gateway.errors import ApiError, error_middleware
 from gateway.keys import hub_key, runtime_key
 from gateway.live_hub import LiveHub
-from gateway.workers import schedule_maintenance, start_workers
 from queue_core import Queue
 
 __all__ = ["create_app", "settings_key"]
@@ -67,7 +67,7 @@ async def workers_ctx(app: web.Application) -> AsyncIterator[None]:
     rt = app[runtime_key]
     workers = WorkerSet([])
     tasks = []
-    if app[settings_key].gateway_role in ("all", "workers"):
+    if app[settings_key].gateway_role == "all":
         p = rt.pipeline
         await p.configure(p.incoming, p.outgoing, p.maintenance)
         await schedule_maintenance(rt)
@@ -187,7 +187,13 @@ def create_app(settings: PipelineSettings) -> web.Application:
 
 async def serve(settings: PipelineSettings, stop: asyncio.Event) -> None:
     """Run the app until `stop` is set (signals set it); close cleanly. Raises the error of a
-    queue worker that died (the process exits non-zero and is restarted)."""
+    queue worker that died (the process exits non-zero and is restarted). The `workers` role
+    binds no port: it is `gateway-workers` under the old name."""
+    if settings.gateway_role == "workers":
+        from gateway.worker_service import run_workers
+
+        await run_workers(settings, stop)
+        return
     app = create_app(settings)
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=5)
     await runner.setup()

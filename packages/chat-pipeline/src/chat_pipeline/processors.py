@@ -1,4 +1,6 @@
-"""The gateway's queue workers: incoming-messages and outgoing-messages."""
+"""The pipeline's own queue processors: incoming-messages, outgoing-messages and the daily
+retention run. Any service may run them (the gateway's worker role does, see
+`gateway.worker_service`); channel senders have their own processor (`chat_pipeline.send`)."""
 
 from __future__ import annotations
 
@@ -22,15 +24,15 @@ from chat_domain import (
 )
 from chat_domain.payloads import AIRequest, IncomingMessage, OutgoingMessage
 from chat_domain.types import DELIVERY_STATUS_RANK
-from chat_pipeline import Runtime
+from chat_pipeline.consumer import pipeline_worker
 from chat_pipeline.live import message_frame, publish, visitor_channel
+from chat_pipeline.runtime import Runtime
 from chat_pipeline.supervision import WorkerSet
-from queue_core import Job, Queue, Schedule, UnrecoverableError, Worker
-from queue_core.types import Processor
+from queue_core import Job, Schedule, UnrecoverableError, Worker
 
 __all__ = ["IncomingProcessor", "OutgoingProcessor", "start_workers"]
 
-log = logging.getLogger("gateway.workers")
+log = logging.getLogger("chat_pipeline.processors")
 
 
 class IncomingProcessor:
@@ -204,26 +206,18 @@ async def schedule_maintenance(rt: Runtime) -> None:
     )
 
 
-def start_workers(rt: Runtime) -> WorkerSet:
+def pipeline_workers(rt: Runtime) -> list[Worker]:
+    """The workers of the pipeline's own queues (the gateway's worker role runs them)."""
     s = rt.settings
-
-    def worker(queue: Queue, processor: Processor, concurrency: int) -> Worker:
-        return Worker(
-            queue,
-            processor,
-            concurrency=concurrency,
-            lock_duration=s.queue_lock_ms,
-            stalled_interval=s.stalled_interval_ms,
-            max_stalled_count=s.max_stalls,
-        )
-
     p = rt.pipeline
-    workers = WorkerSet(
-        [
-            worker(p.incoming, IncomingProcessor(rt), s.incoming_concurrency),
-            worker(p.outgoing, OutgoingProcessor(rt), s.outgoing_concurrency),
-            worker(p.maintenance, RetentionProcessor(rt), 1),
-        ]
-    )
+    return [
+        pipeline_worker(rt, p.incoming, IncomingProcessor(rt), concurrency=s.incoming_concurrency),
+        pipeline_worker(rt, p.outgoing, OutgoingProcessor(rt), concurrency=s.outgoing_concurrency),
+        pipeline_worker(rt, p.maintenance, RetentionProcessor(rt), concurrency=1),
+    ]
+
+
+def start_workers(rt: Runtime) -> WorkerSet:
+    workers = WorkerSet(pipeline_workers(rt))
     workers.start()
     return workers
