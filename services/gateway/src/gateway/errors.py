@@ -7,28 +7,11 @@ import traceback
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
-from redis.exceptions import ClusterDownError, ReadOnlyError, RedisClusterException
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
-from sqlalchemy.exc import InterfaceError, OperationalError
-from sqlalchemy.exc import TimeoutError as SATimeoutError
+
+from chat_pipeline.errors import DEPENDENCY_ERRORS
 
 __all__ = ["DEPENDENCY_ERRORS", "ApiError", "describe_without_text", "error_middleware"]
 
-# A dependency that is down or overloaded (Redis restarting, a database failover, a pool
-# exhausted): the client is told to retry (503 + Retry-After), which the widget does.
-DEPENDENCY_ERRORS: tuple[type[BaseException], ...] = (
-    RedisConnectionError,
-    RedisTimeoutError,
-    ReadOnlyError,
-    RedisClusterException,
-    ClusterDownError,
-    OperationalError,
-    InterfaceError,
-    SATimeoutError,
-    ConnectionError,
-    TimeoutError,
-)
 
 log = logging.getLogger("gateway")
 

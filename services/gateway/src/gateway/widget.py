@@ -12,7 +12,6 @@ import re
 import time
 import uuid
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any
 
 import orjson
@@ -24,18 +23,15 @@ from chat_domain import (
     find_contact,
     get_chatbot_by_widget_key,
     get_chatbot_secrets,
-    get_or_create_contact,
-    get_or_create_conversation,
-    get_queue_priority,
-    insert_message,
     mark_delivered_for_visitor,
     messages_since,
     verify_visitor_signature,
 )
-from chat_domain.payloads import IncomingMessage
 from chat_pipeline import Runtime
 from chat_pipeline.cache import CONFIG_TTL_S, TTLCache
+from chat_pipeline.channels.base import InboundMessage
 from chat_pipeline.live import message_frame, message_json, publish, status_frame, visitor_channel
+from chat_pipeline.receive import ChannelRoute, receive_message
 from gateway.errors import DEPENDENCY_ERRORS, ApiError
 from gateway.keys import hub_key, runtime_key
 from gateway.live_hub import FrameBudget, HubClosing, TooManySockets
@@ -283,50 +279,14 @@ async def _post_message(request: web.Request) -> web.Response:
 
     # Stored at once (so the answer carries its ids and a reload shows it); the rest of the
     # work (quota, usage, the AI job) happens in the incoming-messages worker.
-    async with rt.sessions() as session, session.begin():
-        contact = await get_or_create_contact(
-            session,
-            tenant_id=target.tenant_id,
-            channel_id=target.channel_id,
-            external_id=visitor_id,
-        )
-        conversation = await get_or_create_conversation(
-            session, contact, chatbot_id=target.chatbot_id
-        )
-        result = await insert_message(
-            session,
-            conversation_id=conversation.id,
-            role="user",
-            text=text,
-            external_id=f"{visitor_id}:{client_id}",
-            status="received",
-        )
-        plan = await get_queue_priority(session, target.tenant_id)
+    route = ChannelRoute(target.tenant_id, target.chatbot_id, target.channel_id, "widget")
+    inbound = InboundMessage(
+        external_user_id=visitor_id,
+        external_message_id=f"{visitor_id}:{client_id}",
+        text=text,
+    )
+    result = await receive_message(rt, route, inbound)
     message = result.message
-    # A retry of a POST whose first try stored the message but failed before queueing it
-    # must still queue it; while the first job exists the add is a no-op by its job id. Once
-    # answered, the message is no longer "received".
-    if not result.duplicate or (message.status == "received" and message.reply_id is None):
-        incoming = IncomingMessage(
-            tenant_id=target.tenant_id,
-            chatbot_id=target.chatbot_id,
-            channel_id=target.channel_id,
-            channel_kind="widget",
-            external_user_id=visitor_id,
-            text=message.text,
-            external_message_id=f"{visitor_id}:{client_id}",
-            received_at=datetime.now(UTC),
-            message_id=message.id,
-            conversation_id=message.conversation_id,
-        )
-        try:
-            await rt.pipeline.enqueue_incoming(incoming, plan, requeue=message.requeues)
-        except DEPENDENCY_ERRORS as exc:
-            # Stored is accepted: the reconciler queues a stored, unanswered message that has
-            # no job (docs/architecture.md, "How a message travels"). Not a 5xx for the visitor.
-            log.warning(
-                "message %s stored but not queued (%s); the reconciler will", message.id, exc
-            )
     if not result.duplicate:
         # other tabs of this visitor show it too (best effort: they also poll on reconnect)
         try:

@@ -1,0 +1,95 @@
+"""Receiving a user's message, whatever the channel: the one way a message enters the platform.
+
+The message is stored first (the platform has accepted it once it is a row, see
+docs/architecture.md), then queued for the incoming worker. Queueing is best effort: a stored,
+unanswered message without a job is queued again by the reconciler. Receiving the same message
+twice (a retried POST, a redelivered webhook) stores it once; a stored message that is still
+unanswered is queued again (a no-op while its job exists).
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from chat_domain import (
+    MessageView,
+    get_or_create_contact,
+    get_or_create_conversation,
+    get_queue_priority,
+    insert_message,
+)
+from chat_domain.payloads import IncomingMessage
+from chat_domain.types import ChannelKind
+from chat_pipeline.channels.base import InboundMessage
+from chat_pipeline.errors import DEPENDENCY_ERRORS
+from chat_pipeline.runtime import Runtime
+
+__all__ = ["ChannelRoute", "Received", "receive_message"]
+
+log = logging.getLogger("chat_pipeline.receive")
+
+
+@dataclass(frozen=True, slots=True)
+class ChannelRoute:
+    """Where a channel's messages belong."""
+
+    tenant_id: uuid.UUID
+    chatbot_id: uuid.UUID
+    channel_id: uuid.UUID
+    kind: ChannelKind
+
+
+@dataclass(frozen=True, slots=True)
+class Received:
+    message: MessageView
+    duplicate: bool  # received before (same external id on this channel)
+    queued: bool  # handed to the incoming worker now (else it was already, or the reconciler will)
+
+
+async def receive_message(rt: Runtime, route: ChannelRoute, inbound: InboundMessage) -> Received:
+    async with rt.sessions() as session, session.begin():
+        contact = await get_or_create_contact(
+            session,
+            tenant_id=route.tenant_id,
+            channel_id=route.channel_id,
+            external_id=inbound.external_user_id,
+            display_name=inbound.contact_name,
+        )
+        conversation = await get_or_create_conversation(
+            session, contact, chatbot_id=route.chatbot_id
+        )
+        result = await insert_message(
+            session,
+            conversation_id=conversation.id,
+            role="user",
+            text=inbound.text,
+            external_id=inbound.external_message_id,
+            status="received",
+        )
+        plan = await get_queue_priority(session, route.tenant_id)
+    message = result.message
+    if result.duplicate and (message.status != "received" or message.reply_id is not None):
+        return Received(message, duplicate=True, queued=False)
+    incoming = IncomingMessage(
+        tenant_id=route.tenant_id,
+        chatbot_id=route.chatbot_id,
+        channel_id=route.channel_id,
+        channel_kind=route.kind,
+        external_user_id=inbound.external_user_id,
+        contact_name=inbound.contact_name,
+        text=message.text,
+        external_message_id=inbound.external_message_id,
+        received_at=inbound.received_at or datetime.now(UTC),
+        message_id=message.id,
+        conversation_id=message.conversation_id,
+    )
+    try:
+        await rt.pipeline.enqueue_incoming(incoming, plan, requeue=message.requeues)
+    except DEPENDENCY_ERRORS as exc:
+        # Stored is accepted: the reconciler queues it. Not an error for the sender.
+        log.warning("message %s stored but not queued (%s); the reconciler will", message.id, exc)
+        return Received(message, duplicate=result.duplicate, queued=False)
+    return Received(message, duplicate=result.duplicate, queued=True)
