@@ -62,6 +62,9 @@ class StatusUpdate:
     error_code: str | None = None
     error_text: str | None = None
     at: datetime | None = None
+    # what we attached to the send (Meta echoes `biz_opaque_callback_data`): our message id,
+    # so a status finds its message even when the send call timed out before naming the wamid
+    callback_data: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

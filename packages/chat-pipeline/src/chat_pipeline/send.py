@@ -1,0 +1,262 @@
+"""The one send processor: what every channel's sender would otherwise repeat.
+
+For each stored reply routed to a channel queue: skip it if the database says it went out
+(`sent` or beyond — a status webhook can arrive before the send call returns); wait while the
+channel is paused (its circuit is open, or the provider asked it to slow down) or over its
+per-number rate, without using the message's attempts; send through the channel's `Sender`;
+record the channel's message id and `sent`; count usage. The sender's typed failures decide the
+rest (`chat_pipeline.channels.base`): throttled → slow the channel (or only this recipient);
+permanent → the message is `failed` with the code; channel-fatal → the channel's circuit opens
+(its messages stay queued, the tenant is told) until its settings change or a probe succeeds;
+retryable → the queue retries with backoff, and an ambiguous failure is never sent again once a
+status webhook shows the first try went out.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from chat_domain import (
+    ChannelView,
+    get_channel,
+    get_channel_secrets,
+    get_message,
+    set_message_external_id,
+    update_delivery_status,
+)
+from chat_domain.payloads import OutgoingMessage
+from chat_domain.types import DELIVERY_STATUS_RANK
+from chat_pipeline.cache import TTLCache
+from chat_pipeline.channels.base import (
+    ChannelFatalError,
+    OutboundText,
+    PermanentSendError,
+    RetryableSendError,
+    Sender,
+    ThrottledError,
+)
+from chat_pipeline.runtime import Runtime
+from queue_core import DelayJob, GroupRateLimitError, Job
+
+__all__ = ["ChannelGate", "CircuitState", "SendProcessor", "SenderFactory"]
+
+log = logging.getLogger("chat_pipeline.send")
+
+SenderFactory = Callable[[ChannelView, Any, Runtime], Sender]
+"""(channel, its decrypted secrets, runtime) -> a Sender for it."""
+
+CIRCUIT_PROBE_MS = 60_000  # an open circuit lets one send through this often (half-open)
+
+# GCRA, as queue-core's own limits: `max` sends per `ms` across every replica, bursts up to
+# `max`. Returns 0 (send now, counted) or the ms to wait.
+_RATE = """
+local key, max, dur = KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local per = dur / max
+local tat = tonumber(redis.call('GET', key)) or now
+if tat < now then tat = now end
+if tat - now > dur - per then return math.ceil(tat - now - (dur - per)) end
+tat = tat + per
+redis.call('SET', key, tat, 'PX', math.ceil(tat - now + dur))
+return 0
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class CircuitState:
+    """Why a channel does not send (an operator reads this in `gateway-admin channels`)."""
+
+    open: bool
+    code: str | None = None
+    reason: str | None = None
+    since: float | None = None  # epoch seconds
+
+
+class ChannelGate:
+    """Per-channel pauses shared by every replica, in Redis: the circuit (a channel-fatal error
+    opened it), a hold (the provider throttled the channel) and the per-number send rate."""
+
+    def __init__(self, redis: Any) -> None:
+        self.redis = redis
+        self._rate = redis.register_script(_RATE)
+
+    @staticmethod
+    def _key(kind: str, channel_id: uuid.UUID) -> str:
+        return f"chan:{kind}:{channel_id}"
+
+    async def wait_ms(self, channel_id: uuid.UUID) -> int:
+        """How long this channel must not send (0: it may)."""
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.pttl(self._key("probe", channel_id))
+        pipe.pttl(self._key("hold", channel_id))
+        probe, hold = await pipe.execute()
+        return max(0, int(probe), int(hold))
+
+    async def take(self, channel_id: uuid.UUID, per_second: int) -> int:
+        """Count one send against the channel's rate; 0, or the ms to wait first."""
+        key = self._key("rate", channel_id)
+        return int(await self._rate(keys=[key], args=[per_second, 1000]))
+
+    async def hold(self, channel_id: uuid.UUID, ms: int) -> None:
+        await self.redis.set(self._key("hold", channel_id), "1", px=max(1, ms))
+
+    async def open(self, channel_id: uuid.UUID, code: str | None, reason: str) -> None:
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hset(
+            self._key("circuit", channel_id),
+            mapping={"code": code or "", "reason": reason[:300], "since": time.time()},
+        )
+        # the next send is a probe, one interval from now
+        pipe.set(self._key("probe", channel_id), "1", px=CIRCUIT_PROBE_MS)
+        await pipe.execute()
+
+    async def close(self, channel_id: uuid.UUID) -> bool:
+        """The channel sends again (its settings were fixed, or a probe went through)."""
+        removed = await self.redis.delete(
+            self._key("circuit", channel_id), self._key("probe", channel_id)
+        )
+        return bool(removed)
+
+    async def state(self, channel_id: uuid.UUID) -> CircuitState:
+        raw = await self.redis.hgetall(self._key("circuit", channel_id))
+        if not raw:
+            return CircuitState(open=False)
+        h = {k.decode() if isinstance(k, bytes) else k: v for k, v in raw.items()}
+
+        def text(name: str) -> str | None:
+            value = h.get(name)
+            value = value.decode() if isinstance(value, bytes) else value
+            return value or None
+
+        since = text("since")
+        return CircuitState(
+            open=True, code=text("code"), reason=text("reason"), since=float(since or 0)
+        )
+
+
+class SendProcessor:
+    def __init__(
+        self,
+        rt: Runtime,
+        make_sender: SenderFactory,
+        *,
+        per_second: int = 80,
+        on_sent: Callable[[OutgoingMessage, tuple[str, ...]], Awaitable[None]] | None = None,
+    ) -> None:
+        self.rt = rt
+        self.make_sender = make_sender
+        self.per_second = per_second
+        self.gate = ChannelGate(rt.redis)
+        self.on_sent = on_sent
+        # a channel's sender is rebuilt when its settings change (within the cache's 5 s)
+        self._channels: TTLCache[uuid.UUID, tuple[ChannelView, Any] | None] = TTLCache()
+        self._senders: dict[uuid.UUID, tuple[object, Sender]] = {}
+
+    async def close(self) -> None:
+        for _, sender in self._senders.values():
+            await sender.aclose()
+        self._senders.clear()
+
+    async def _sender(self, channel_id: uuid.UUID) -> Sender | None:
+        async def load() -> tuple[ChannelView, Any] | None:
+            async with self.rt.sessions() as session:
+                channel = await get_channel(session, channel_id)
+                if channel is None or not channel.active:
+                    return None
+                return channel, await get_channel_secrets(session, self.rt.box, channel_id)
+
+        loaded = await self._channels.get(channel_id, load)
+        if loaded is None:
+            return None
+        stamp, current = self._senders.get(channel_id, (None, None))
+        if current is not None and stamp is loaded:
+            return current
+        if current is not None:
+            await current.aclose()
+        sender = self.make_sender(loaded[0], loaded[1], self.rt)
+        self._senders[channel_id] = (loaded, sender)
+        return sender
+
+    async def _went_out(self, message_id: uuid.UUID) -> bool:
+        async with self.rt.sessions() as session:
+            message = await get_message(session, message_id)
+        return (
+            message is None or DELIVERY_STATUS_RANK[message.status] >= DELIVERY_STATUS_RANK["sent"]
+        )
+
+    async def __call__(self, job: Job) -> str:
+        out = OutgoingMessage.model_validate(job.data)
+        if await self._went_out(out.message_id):
+            return "already-sent"  # sent by an earlier run, or a status webhook said so
+        wait = await self.gate.wait_ms(out.channel_id)
+        if wait:
+            raise DelayJob(wait)  # paused channel: the message waits, no attempt is used
+        sender = await self._sender(out.channel_id)
+        if sender is None:
+            await self._fail(out, "channel_unavailable", "the channel is gone or disabled")
+            return "failed"
+        wait = await self.gate.take(out.channel_id, self.per_second)
+        if wait:
+            raise DelayJob(wait)
+        try:
+            result = await sender.send_text(
+                OutboundText(
+                    message_id=out.message_id,
+                    conversation_id=out.conversation_id,
+                    recipient=out.recipient_external_id,
+                    text=out.text,
+                )
+            )
+        except ThrottledError as exc:
+            ms = max(1, int(exc.delay_s * 1000))
+            if exc.scope == "recipient":
+                raise GroupRateLimitError(ms) from exc  # only this conversation waits
+            await self.gate.hold(out.channel_id, ms)
+            raise DelayJob(ms) from exc
+        except ChannelFatalError as exc:
+            await self.gate.open(out.channel_id, exc.code, str(exc))
+            log.error(
+                "channel %s stopped sending (%s): its messages wait until it is fixed",
+                out.channel_id,
+                exc.code or type(exc).__name__,
+            )
+            raise DelayJob(CIRCUIT_PROBE_MS) from exc
+        except PermanentSendError as exc:
+            await self._fail(out, exc.code or "permanent", str(exc))
+            return "failed"
+        except RetryableSendError as exc:
+            sent_ids = tuple(getattr(exc, "sent_external_ids", ()) or ())
+            if sent_ids:
+                await self._record(out, sent_ids, status=None)  # parts already out: keep ids
+            if exc.ambiguous and await self._went_out(out.message_id):
+                return "sent"  # the first try went out: a status webhook said so meanwhile
+            raise
+        await self._record(out, result.external_ids, status="sent")
+        await self.gate.close(out.channel_id)  # a probe went through: the channel is healthy
+        self.rt.usage.record(out.tenant_id, "whatsapp_send", dedupe_key=f"send:{out.message_id}")
+        if self.on_sent is not None:
+            await self.on_sent(out, result.external_ids)
+        return "sent"
+
+    async def _record(
+        self, out: OutgoingMessage, external_ids: tuple[str, ...], *, status: str | None
+    ) -> None:
+        async with self.rt.sessions() as session, session.begin():
+            if external_ids:
+                # status webhooks name the first part's id; later parts follow it
+                await set_message_external_id(session, out.message_id, external_ids[0])
+            if status == "sent":
+                await update_delivery_status(session, out.message_id, "sent")
+
+    async def _fail(self, out: OutgoingMessage, code: str, text: str) -> None:
+        async with self.rt.sessions() as session, session.begin():
+            await update_delivery_status(
+                session, out.message_id, "failed", error_code=code[:100], error_text=text[:500]
+            )
+        log.warning("message %s not sent: %s", out.message_id, code)
