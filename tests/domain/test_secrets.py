@@ -202,3 +202,56 @@ def test_key_rotation() -> None:
     assert SecretBox(f"{new},{old}").decrypt(token) == "hello"
     with pytest.raises(SecretDecryptionError):
         SecretBox(new).decrypt(token)
+
+
+async def test_channels_are_listed_and_updated_with_new_secrets(
+    session_factory: async_sessionmaker[AsyncSession],
+    world: World,
+    other_world: World,
+    box: SecretBox,
+) -> None:
+    from chat_domain import (
+        WhatsAppCloudConfig,
+        WhatsAppCloudSecrets,
+        list_channels,
+        update_channel,
+    )
+
+    number = f"pn-{world.tenant.id.hex[:10]}"
+    async with session_factory() as session, session.begin():
+        cloud = await create_channel(
+            session,
+            box,
+            chatbot_id=world.chatbot.id,
+            config=WhatsAppCloudConfig(phone_number_id=number),
+            secrets=WhatsAppCloudSecrets(access_token="old", app_secret="a", verify_token="v"),
+        )
+    async with session_factory() as session:
+        mine = await list_channels(session, tenant_id=world.tenant.id)
+        assert [c.id for c in mine] == [world.channel.id, cloud.id]
+        clouds = await list_channels(session, tenant_id=world.tenant.id, kind="whatsapp_cloud")
+        assert [c.id for c in clouds] == [c.id for c in mine if c.kind == "whatsapp_cloud"]
+        assert cloud.id in {c.id for c in clouds}
+        assert cloud.id not in {
+            c.id for c in await list_channels(session, tenant_id=other_world.tenant.id)
+        }
+    moved = f"{number}-2"
+    async with session_factory() as session, session.begin():
+        updated = await update_channel(
+            session,
+            box,
+            cloud.id,
+            config=WhatsAppCloudConfig(phone_number_id=moved),
+            secrets=WhatsAppCloudSecrets(access_token="new", app_secret="a", verify_token="v"),
+        )
+    assert (
+        isinstance(updated.config, WhatsAppCloudConfig) and updated.config.phone_number_id == moved
+    )
+    async with session_factory() as session:
+        assert (await find_channel_by_phone_number_id(session, moved)) == updated
+        assert await find_channel_by_phone_number_id(session, number) is None
+        stored = await get_channel_secrets(session, box, cloud.id)
+        assert isinstance(stored, WhatsAppCloudSecrets) and stored.access_token == "new"
+    async with session_factory() as session:
+        with pytest.raises(ValueError, match="cannot become"):
+            await update_channel(session, box, cloud.id, config=WidgetConfig())

@@ -35,7 +35,9 @@ from chat_domain.channels import (
     get_chatbot,
     get_chatbot_by_widget_key,
     get_chatbot_secrets,
+    list_channels,
     set_channel_active,
+    update_channel,
     update_chatbot,
 )
 from chat_domain.conversations import (
@@ -203,6 +205,7 @@ __all__ = [
     "ingest_document",
     "insert_message",
     "list_api_keys",
+    "list_channels",
     "mark_delivered_for_visitor",
     "messages_since",
     "month_bounds",
@@ -228,6 +231,7 @@ __all__ = [
     "sign_visitor_id",
     "store_reply",
     "unanswered_messages",
+    "update_channel",
     "update_chatbot",
     "update_delivery_status",
     "update_delivery_status_by_external_id",

@@ -63,6 +63,9 @@ class WhatsAppCloudSecrets(_Model):
 class WhatsAppQrSecrets(_Model):
     kind: Literal["whatsapp_qr"] = "whatsapp_qr"
     api_key: str | None = Field(default=None, repr=False)
+    # authenticates the service's webhooks to us: WAHA's HMAC key, or the shared secret an
+    # Evolution webhook carries (Evolution signs nothing)
+    webhook_secret: str | None = Field(default=None, repr=False)
 
 
 ChannelSecrets = Annotated[WhatsAppCloudSecrets | WhatsAppQrSecrets, Field(discriminator="kind")]
@@ -353,6 +356,50 @@ async def get_channel_secrets(
     if row[0] is None:
         return None
     return _secrets_adapter.validate_python(box.decrypt_json(row[0]))
+
+
+async def list_channels(
+    session: AsyncSession,
+    *,
+    tenant_id: uuid.UUID | None = None,
+    chatbot_id: uuid.UUID | None = None,
+    kind: ChannelKind | None = None,
+) -> list[ChannelView]:
+    """Channels, oldest first, filtered by tenant, chatbot and kind when given."""
+    query = select(Channel).order_by(Channel.created_at, Channel.id)
+    if tenant_id is not None:
+        query = query.where(Channel.tenant_id == tenant_id)
+    if chatbot_id is not None:
+        query = query.where(Channel.chatbot_id == chatbot_id)
+    if kind is not None:
+        query = query.where(Channel.kind == kind)
+    return [ChannelView.of(row) for row in await session.scalars(query)]
+
+
+async def update_channel(
+    session: AsyncSession,
+    box: SecretBox,
+    channel_id: uuid.UUID,
+    *,
+    config: WidgetConfig | WhatsAppCloudConfig | WhatsAppQrConfig | None = None,
+    secrets: WhatsAppCloudSecrets | WhatsAppQrSecrets | None = None,
+) -> ChannelView:
+    """Replace a channel's configuration and/or secrets (a new token, a moved QR service). The
+    kind cannot change; the routing key follows the configuration."""
+    row = await session.get(Channel, channel_id)
+    if row is None:
+        raise NotFoundError(f"channel {channel_id} does not exist")
+    if config is not None:
+        if config.kind != row.kind:
+            raise ValueError(f"a {row.kind} channel cannot become {config.kind}")
+        row.config = config.model_dump(mode="json")
+        row.lookup_key = _lookup_key(row.chatbot_id, config)
+    if secrets is not None:
+        if secrets.kind != row.kind:
+            raise ValueError(f"{secrets.kind} secrets do not fit a {row.kind} channel")
+        row.secrets_enc = box.encrypt_json(secrets.model_dump(mode="json"))
+    await session.flush()
+    return ChannelView.of(row)
 
 
 async def set_channel_active(session: AsyncSession, channel_id: uuid.UUID, active: bool) -> None:
