@@ -28,7 +28,7 @@ from chat_pipeline.consumer import pipeline_worker
 from chat_pipeline.live import message_frame, publish, visitor_channel
 from chat_pipeline.runtime import Runtime
 from chat_pipeline.supervision import WorkerSet
-from queue_core import Job, Schedule, UnrecoverableError, Worker
+from queue_core import Backoff, Job, Schedule, UnrecoverableError, Worker
 
 __all__ = ["IncomingProcessor", "OutgoingProcessor", "start_workers"]
 
@@ -181,7 +181,10 @@ class OutgoingProcessor:
             group=f"{out.tenant_id}:{out.conversation_id}",
             priority=plan.priority,
             group_weight=plan.weight,
+            # retryable failures (5xx, timeouts) back off up to a minute; throttling, a paused
+            # channel and a busy recipient wait without using these attempts
             attempts=8,
+            backoff=Backoff.exponential(1000, jitter=0.3, max_delay=60_000),
         )
         return "routed"
 
