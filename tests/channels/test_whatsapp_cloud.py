@@ -7,6 +7,7 @@ error classification and the sender. Fixtures are those of the reference note
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import logging
 import random
@@ -524,6 +525,9 @@ def test_parse_statuses() -> None:
         _with_status("deleted", "1732300044"),  # not a delivery status: skipped
     )
     parsed = parse_webhook(body)
+    # the fixture carries our tracking tag (biz_opaque_callback_data): it comes back
+    assert {update.callback_data for _, update in parsed} == {"out_01JD8X6K2M3N"}
+    parsed = [(key, dataclasses.replace(u, callback_data=None)) for key, u in parsed]
     assert parsed == [
         (PNID, StatusUpdate(OUR_WAMID, "sent", at=T0 + timedelta(seconds=6))),
         (PNID, StatusUpdate(OUR_WAMID, "delivered", at=T0 + timedelta(seconds=7))),
@@ -1011,7 +1015,8 @@ def sent_json(route: respx.Route) -> list[Any]:
 
 async def test_send_text_payload_and_headers(sender: CloudSender, meta: respx.MockRouter) -> None:
     route = meta.post(URL).mock(return_value=httpx.Response(200, json=SEND_OK))
-    result = await sender.send_text(outbound("Seu pedido sai amanhã."))
+    message = outbound("Seu pedido sai amanhã.")
+    result = await sender.send_text(message)
     assert result.external_ids == (OUR_WAMID,)
     request = route.calls.last.request
     assert request.headers["Authorization"] == f"Bearer {TOKEN}"
@@ -1022,6 +1027,8 @@ async def test_send_text_payload_and_headers(sender: CloudSender, meta: respx.Mo
         "to": USER,
         "type": "text",
         "text": {"preview_url": False, "body": "Seu pedido sai amanhã."},
+        # echoed in the status webhooks: an ambiguous send is settled by them
+        "biz_opaque_callback_data": str(message.message_id),
     }
     assert request.extensions["timeout"]["read"] == 15.0
 
@@ -1040,6 +1047,18 @@ async def test_send_text_reply_to_goes_on_the_first_part_only(
     assert [body["text"]["body"] for body in bodies] == expected
     assert bodies[0]["context"] == {"message_id": "wamid.question"}
     assert all("context" not in body for body in bodies[1:])
+
+
+async def test_send_text_skips_the_parts_an_earlier_attempt_sent(
+    sender: CloudSender, meta: respx.MockRouter
+) -> None:
+    text = " ".join(f"Frase {i} da resposta longa." for i in range(600))
+    expected = split_text(text)
+    route = meta.post(URL).mock(side_effect=[ok(f"wamid.p{i}") for i in range(len(expected))])
+    message = dataclasses.replace(outbound(text), skip_parts=2)
+    result = await sender.send_text(message)
+    assert [body["text"]["body"] for body in sent_json(route)] == expected[2:]
+    assert len(result.external_ids) == len(expected) - 2
 
 
 async def test_send_text_to_a_business_scoped_id_uses_recipient(

@@ -76,6 +76,9 @@ class OutboundText:
     recipient: str  # the contact's external id on the channel
     text: str
     reply_to_external_id: str | None = None
+    # a long reply goes out in parts; after a failure at part k the parts before k are not
+    # sent again (a sender's `SendError.sent_external_ids` says how many went out)
+    skip_parts: int = 0
 
 
 @dataclass(frozen=True, slots=True)

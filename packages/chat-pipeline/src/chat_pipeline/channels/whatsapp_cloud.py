@@ -392,6 +392,7 @@ def _parse_status(raw: dict[str, Any]) -> StatusUpdate | None:
         error_code=error_code,
         error_text=error_text,
         at=_timestamp(raw.get("timestamp")),
+        callback_data=_str(raw.get("biz_opaque_callback_data")),
     )
 
 
@@ -646,9 +647,14 @@ class CloudSender:
             raise error
         sent: list[str] = []
         for index, part in enumerate(parts):
+            if index < message.skip_parts:
+                continue  # went out in an earlier attempt
             payload = self._text_payload(message.recipient, part)
             if index == 0 and message.reply_to_external_id:
                 payload["context"] = {"message_id": message.reply_to_external_id}
+            # echoed in this message's status webhooks: they find our message even when this
+            # call times out before it learns the wamid
+            payload["biz_opaque_callback_data"] = str(message.message_id)
             try:
                 sent.append(await self._post_message(payload))
             except SendError as error:
