@@ -204,3 +204,26 @@ async def test_the_per_number_rate_holds_across_processors(
     with pytest.raises(DelayJob) as waited:  # the third within the same second waits
         await a(_job(rt.pipeline.whatsapp_cloud, outs[2]))
     assert 0 < waited.value.delay_ms <= 1000
+
+
+async def test_a_long_reply_failing_midway_resumes_after_the_parts_that_went_out(
+    rt: Runtime, sender: ScriptedSender
+) -> None:
+    t = await _tenant(rt)
+    out = await _reply(rt, t, "long")
+    process = _processor(rt, sender)
+    midway = RetryableSendError("5xx at part 3")
+    midway.sent_external_ids = ("wamid.p0", "wamid.p1")  # type: ignore[attr-defined]
+    sender.outcomes = [midway]
+    with pytest.raises(RetryableSendError):
+        await process(_job(rt.pipeline.whatsapp_cloud, out))
+    assert (await _status(rt, out["message_id"])).external_id == "wamid.p0"
+    seen: list[int] = []
+
+    async def record(message: OutboundText) -> SendResult:
+        seen.append(message.skip_parts)
+        return SendResult(("wamid.p2",))
+
+    sender.send_text = record  # type: ignore[method-assign]
+    assert await process(_job(rt.pipeline.whatsapp_cloud, out)) == "sent"
+    assert seen == [2], "the retry skips the two parts already sent"

@@ -38,6 +38,7 @@ from chat_pipeline.channels.base import (
     PermanentSendError,
     RetryableSendError,
     Sender,
+    SendError,
     ThrottledError,
 )
 from chat_pipeline.runtime import Runtime
@@ -115,6 +116,14 @@ class ChannelGate:
         # the next send is a probe, one interval from now
         pipe.set(self._key("probe", channel_id), "1", px=CIRCUIT_PROBE_MS)
         await pipe.execute()
+
+    async def parts_sent(self, message_id: uuid.UUID) -> int:
+        """How many parts of a long reply earlier attempts sent."""
+        raw = await self.redis.get(f"chan:parts:{message_id}")
+        return int(raw or 0)
+
+    async def note_parts_sent(self, message_id: uuid.UUID, count: int) -> None:
+        await self.redis.set(f"chan:parts:{message_id}", count, ex=86_400)
 
     async def close(self, channel_id: uuid.UUID) -> bool:
         """The channel sends again (its settings were fixed, or a probe went through)."""
@@ -204,6 +213,7 @@ class SendProcessor:
         wait = await self.gate.take(out.channel_id, self.per_second)
         if wait:
             raise DelayJob(wait)
+        done = await self.gate.parts_sent(out.message_id)
         try:
             result = await sender.send_text(
                 OutboundText(
@@ -211,15 +221,31 @@ class SendProcessor:
                     conversation_id=out.conversation_id,
                     recipient=out.recipient_external_id,
                     text=out.text,
+                    skip_parts=done,
                 )
             )
-        except ThrottledError as exc:
+        except SendError as exc:
+            # parts of a long reply that went out are never sent again by a later attempt
+            sent_now = len(getattr(exc, "sent_external_ids", ()) or ())
+            if sent_now:
+                await self.gate.note_parts_sent(out.message_id, done + sent_now)
+            return await self._failed(out, exc)
+        await self._record(out, result.external_ids, status="sent")
+        await self.gate.close(out.channel_id)  # a probe went through: the channel is healthy
+        self.rt.usage.record(out.tenant_id, "whatsapp_send", dedupe_key=f"send:{out.message_id}")
+        if self.on_sent is not None:
+            await self.on_sent(out, result.external_ids)
+        return "sent"
+
+    async def _failed(self, out: OutgoingMessage, exc: SendError) -> str:
+        """What a typed send failure means for this message and its channel."""
+        if isinstance(exc, ThrottledError):
             ms = max(1, int(exc.delay_s * 1000))
             if exc.scope == "recipient":
                 raise GroupRateLimitError(ms) from exc  # only this conversation waits
             await self.gate.hold(out.channel_id, ms)
             raise DelayJob(ms) from exc
-        except ChannelFatalError as exc:
+        if isinstance(exc, ChannelFatalError):
             await self.gate.open(out.channel_id, exc.code, str(exc))
             log.error(
                 "channel %s stopped sending (%s): its messages wait until it is fixed",
@@ -227,22 +253,19 @@ class SendProcessor:
                 exc.code or type(exc).__name__,
             )
             raise DelayJob(CIRCUIT_PROBE_MS) from exc
-        except PermanentSendError as exc:
+        if isinstance(exc, PermanentSendError):
             await self._fail(out, exc.code or "permanent", str(exc))
             return "failed"
-        except RetryableSendError as exc:
-            sent_ids = tuple(getattr(exc, "sent_external_ids", ()) or ())
-            if sent_ids:
-                await self._record(out, sent_ids, status=None)  # parts already out: keep ids
-            if exc.ambiguous and await self._went_out(out.message_id):
-                return "sent"  # the first try went out: a status webhook said so meanwhile
-            raise
-        await self._record(out, result.external_ids, status="sent")
-        await self.gate.close(out.channel_id)  # a probe went through: the channel is healthy
-        self.rt.usage.record(out.tenant_id, "whatsapp_send", dedupe_key=f"send:{out.message_id}")
-        if self.on_sent is not None:
-            await self.on_sent(out, result.external_ids)
-        return "sent"
+        sent_ids = tuple(getattr(exc, "sent_external_ids", ()) or ())
+        if sent_ids:
+            await self._record(out, sent_ids, status=None)  # parts already out: keep ids
+        if (
+            isinstance(exc, RetryableSendError)
+            and exc.ambiguous
+            and await self._went_out(out.message_id)
+        ):
+            return "sent"  # the first try went out: a status webhook said so meanwhile
+        raise exc  # retryable (or an untyped SendError): the queue retries with backoff
 
     async def _record(
         self, out: OutgoingMessage, external_ids: tuple[str, ...], *, status: str | None
