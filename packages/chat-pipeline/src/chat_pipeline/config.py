@@ -92,6 +92,13 @@ class PipelineSettings:
     llm_api_key: str = field(default="", repr=False)
     llm_model: str = "gpt-4o-mini"
     llm_timeout_s: float = 30.0
+    # WhatsApp channels (docs/channels.md)
+    whatsapp_graph_url: str = "https://graph.facebook.com"
+    whatsapp_graph_version: str = "v25.0"
+    whatsapp_rate_per_s: int = 80  # per phone number, across every sender replica
+    qr_rate_per_s: int = 1  # per QR session: gentle, a Baileys number is easy to ban
+    qr_typing_ms_per_char: int = 0  # QR: show "typing" this long per character (0: off)
+    channel_concurrency: int = 10
     # workers
     incoming_concurrency: int = 20
     outgoing_concurrency: int = 20
@@ -152,6 +159,14 @@ class PipelineSettings:
             llm_api_key=env.get("LLM_API_KEY", ""),
             llm_model=env.get("LLM_MODEL") or "gpt-4o-mini",
             llm_timeout_s=_float(env, "LLM_TIMEOUT_S", 30.0),
+            whatsapp_graph_url=(
+                env.get("WHATSAPP_GRAPH_URL") or "https://graph.facebook.com"
+            ).rstrip("/"),
+            whatsapp_graph_version=env.get("WHATSAPP_GRAPH_VERSION") or "v25.0",
+            whatsapp_rate_per_s=_int(env, "WHATSAPP_RATE_PER_S", 80, 1),
+            qr_rate_per_s=_int(env, "QR_RATE_PER_S", 1, 1),
+            qr_typing_ms_per_char=_int(env, "QR_TYPING_MS_PER_CHAR", 0),
+            channel_concurrency=_int(env, "CHANNEL_CONCURRENCY", 10, 1),
             incoming_concurrency=_int(env, "INCOMING_CONCURRENCY", 20, 1),
             outgoing_concurrency=_int(env, "OUTGOING_CONCURRENCY", 20, 1),
             ai_concurrency=_int(env, "AI_CONCURRENCY", 10, 1),

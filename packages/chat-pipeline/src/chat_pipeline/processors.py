@@ -25,6 +25,7 @@ from chat_domain import (
 from chat_domain.payloads import AIRequest, IncomingMessage, OutgoingMessage
 from chat_domain.types import DELIVERY_STATUS_RANK
 from chat_pipeline.consumer import pipeline_worker
+from chat_pipeline.errors import DEPENDENCY_ERRORS
 from chat_pipeline.live import message_frame, publish, visitor_channel
 from chat_pipeline.runtime import Runtime
 from chat_pipeline.supervision import WorkerSet
@@ -119,6 +120,13 @@ class IncomingProcessor:
             )
             return "limited"
         s = rt.settings
+        if msg.channel_kind != "widget" and msg.external_message_id:
+            try:  # (a hint: never worth failing the message for)
+                await rt.pipeline.enqueue_typing(
+                    msg.channel_kind, msg.channel_id, msg.external_message_id
+                )
+            except DEPENDENCY_ERRORS as exc:
+                log.debug("typing hint for %s not queued (%s)", message.id, exc)
         await rt.pipeline.enqueue_ai(
             AIRequest(
                 tenant_id=msg.tenant_id,

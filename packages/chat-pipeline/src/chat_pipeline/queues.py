@@ -143,5 +143,20 @@ class Pipeline:
             backoff=Backoff.exponential(500, jitter=0.3),
         )
 
+    async def enqueue_typing(
+        self, kind: str, channel_id: uuid.UUID, external_message_id: str
+    ) -> None:
+        """Best effort: tell the channel's sender to show the user that the bot is answering
+        (WhatsApp: mark their message read and show "typing"). Never retried."""
+        queue = self.channel_queue(kind)
+        if queue is not None:
+            await queue.add(
+                "typing",
+                {"channel_id": str(channel_id), "external_message_id": external_message_id},
+                attempts=1,
+                remove_on_complete=True,
+                remove_on_fail=100,
+            )
+
     def channel_queue(self, kind: str) -> Queue | None:
         return {"whatsapp_cloud": self.whatsapp_cloud, "whatsapp_qr": self.whatsapp_qr}.get(kind)

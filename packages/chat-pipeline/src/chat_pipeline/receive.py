@@ -16,18 +16,22 @@ from datetime import UTC, datetime
 
 from chat_domain import (
     MessageView,
+    get_message,
     get_or_create_contact,
     get_or_create_conversation,
     get_queue_priority,
     insert_message,
+    set_message_external_id,
+    update_delivery_status,
+    update_delivery_status_by_external_id,
 )
 from chat_domain.payloads import IncomingMessage
 from chat_domain.types import ChannelKind
-from chat_pipeline.channels.base import InboundMessage
+from chat_pipeline.channels.base import InboundMessage, StatusUpdate
 from chat_pipeline.errors import DEPENDENCY_ERRORS
 from chat_pipeline.runtime import Runtime
 
-__all__ = ["ChannelRoute", "Received", "receive_message"]
+__all__ = ["ChannelRoute", "Received", "apply_status", "receive_message"]
 
 log = logging.getLogger("chat_pipeline.receive")
 
@@ -93,3 +97,36 @@ async def receive_message(rt: Runtime, route: ChannelRoute, inbound: InboundMess
         log.warning("message %s stored but not queued (%s); the reconciler will", message.id, exc)
         return Received(message, duplicate=result.duplicate, queued=False)
     return Received(message, duplicate=result.duplicate, queued=True)
+
+
+async def apply_status(rt: Runtime, channel_id: uuid.UUID, update: StatusUpdate) -> bool:
+    """What the channel says happened to a message we sent; forward-only (statuses arrive out
+    of order and twice), True when it changed something. The message is found by our own id
+    when the channel echoes it (`callback_data`: a send that timed out never learned its
+    channel id), else by the channel's id."""
+    ours: uuid.UUID | None = None
+    if update.callback_data:
+        try:
+            ours = uuid.UUID(update.callback_data)
+        except ValueError:
+            ours = None  # not one of ours (another integration tagged it)
+    async with rt.sessions() as session, session.begin():
+        if ours is not None:
+            message = await get_message(session, ours)
+            if message is not None and message.channel_id == channel_id and message.role != "user":
+                await set_message_external_id(session, ours, update.external_message_id)
+                return await update_delivery_status(
+                    session,
+                    ours,
+                    update.status,
+                    error_code=update.error_code,
+                    error_text=update.error_text,
+                )
+        return await update_delivery_status_by_external_id(
+            session,
+            channel_id=channel_id,
+            external_id=update.external_message_id,
+            status=update.status,
+            error_code=update.error_code,
+            error_text=update.error_text,
+        )

@@ -192,6 +192,21 @@ class SendProcessor:
         self._senders[channel_id] = (loaded, sender)
         return sender
 
+    async def typing(self, data: dict[str, Any]) -> str:
+        """A best-effort hint to the user that the bot is answering (mark read + typing)."""
+        try:
+            channel_id = uuid.UUID(str(data["channel_id"]))
+            external_id = str(data["external_message_id"])
+        except (KeyError, ValueError):
+            return "invalid"
+        if await self.gate.wait_ms(channel_id):
+            return "paused"
+        sender = await self._sender(channel_id)
+        hint = getattr(sender, "typing", None)
+        if hint is None:
+            return "unsupported"
+        return "shown" if await hint(external_id) else "not-shown"
+
     async def _went_out(self, message_id: uuid.UUID) -> bool:
         async with self.rt.sessions() as session:
             message = await get_message(session, message_id)

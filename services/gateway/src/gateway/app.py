@@ -17,7 +17,7 @@ from chat_pipeline import PipelineSettings, Runtime
 from chat_pipeline.processors import schedule_maintenance, start_workers
 from chat_pipeline.reconcile import Reconciler
 from chat_pipeline.supervision import WorkerSet, first_of
-from gateway import widget
+from gateway import whatsapp, widget
 from gateway.errors import ApiError, error_middleware
 from gateway.keys import hub_key, runtime_key
 from gateway.live_hub import LiveHub
@@ -163,7 +163,9 @@ async def demo_page(request: web.Request) -> web.Response:
 
 def create_app(settings: PipelineSettings) -> web.Application:
     app = web.Application(
-        middlewares=[widget.cors_middleware, error_middleware], client_max_size=64 * 1024
+        # (a provider's webhook may batch many events; the widget bounds its own text)
+        middlewares=[widget.cors_middleware, error_middleware],
+        client_max_size=1024 * 1024,
     )
     app[settings_key] = settings
     app[stop_key] = asyncio.Event()
@@ -173,6 +175,8 @@ def create_app(settings: PipelineSettings) -> web.Application:
     app.cleanup_ctx.extend([runtime_ctx, hub_ctx, workers_ctx])
     app.on_shutdown.append(close_sockets)
     app.add_routes(widget.routes())
+    app[whatsapp.whatsapp_cache_key] = whatsapp.WebhookChannels()
+    app.add_routes(whatsapp.routes())
     app.add_routes(
         [
             web.get("/healthz", healthz),

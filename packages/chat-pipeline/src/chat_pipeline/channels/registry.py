@@ -1,0 +1,99 @@
+"""The channel kinds the platform sends on, and the one runner of a channel service.
+
+A channel kind is registered here once: its send queue (chat_pipeline.queues), its sender
+factory, its send rate and the service that owns the queue. Adding a channel kind means a
+module under `chat_pipeline.channels` (parsing, sender, errors), an entry here, and the
+gateway's webhook route for its inbound side.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from chat_domain import ChannelView, WhatsAppCloudConfig, WhatsAppCloudSecrets
+from chat_domain.types import ChannelKind
+from chat_pipeline.channels.base import Sender
+from chat_pipeline.config import PipelineSettings
+from chat_pipeline.consumer import pipeline_worker, serve_workers
+from chat_pipeline.runtime import Runtime
+from chat_pipeline.send import SendProcessor
+from queue_core import Job, Queue
+
+__all__ = ["CHANNELS", "ChannelJobs", "ChannelSpec", "run_channel_service"]
+
+log = logging.getLogger("chat_pipeline.channels")
+
+
+def _cloud_sender(channel: ChannelView, secrets: Any, rt: Runtime) -> Sender:
+    from chat_pipeline.channels.whatsapp_cloud import CloudSender
+
+    if not isinstance(channel.config, WhatsAppCloudConfig) or not isinstance(
+        secrets, WhatsAppCloudSecrets
+    ):
+        raise ValueError(f"channel {channel.id} is not a WhatsApp Cloud channel")
+    s = rt.settings
+    return CloudSender(
+        channel.config.phone_number_id,
+        secrets.access_token,
+        base_url=s.whatsapp_graph_url,
+        version=s.whatsapp_graph_version,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class ChannelSpec:
+    kind: ChannelKind
+    service: str  # the service that owns the channel's send queue
+    make_sender: Callable[[ChannelView, Any, Runtime], Sender]
+    per_second: Callable[[PipelineSettings], int]  # the send rate of one channel (a number)
+
+
+CHANNELS: dict[ChannelKind, ChannelSpec] = {
+    "whatsapp_cloud": ChannelSpec(
+        "whatsapp_cloud", "channel-whatsapp-cloud", _cloud_sender, lambda s: s.whatsapp_rate_per_s
+    ),
+}
+
+
+class ChannelJobs:
+    """A channel queue's jobs: `send` (a stored reply) and `typing` (a best-effort hint that
+    the bot is answering a message: mark it read and show the typing indicator)."""
+
+    def __init__(self, sends: SendProcessor) -> None:
+        self.sends = sends
+
+    async def __call__(self, job: Job) -> str:
+        if job.name == "typing":
+            return await self.sends.typing(job.data)
+        return await self.sends(job)
+
+
+def channel_queue(rt: Runtime, kind: ChannelKind) -> Queue:
+    queue = rt.pipeline.channel_queue(kind)
+    if queue is None:
+        raise ValueError(f"no send queue for channel kind {kind!r}")
+    return queue
+
+
+async def run_channel_service(
+    kind: ChannelKind, settings: PipelineSettings, stop: asyncio.Event
+) -> None:
+    """The whole of a channel service: send its channel kind's replies until `stop`."""
+    spec = CHANNELS[kind]
+    rt = await Runtime.start(settings)
+    sends = SendProcessor(rt, spec.make_sender, per_second=spec.per_second(settings))
+    try:
+        queue = channel_queue(rt, kind)
+        await rt.pipeline.configure(queue)
+        worker = pipeline_worker(
+            rt, queue, ChannelJobs(sends), concurrency=settings.channel_concurrency
+        )
+        log.info("%s running", spec.service)
+        await serve_workers(spec.service, stop, [worker])
+    finally:
+        await sends.close()
+        await rt.close()

@@ -1,0 +1,157 @@
+"""WhatsApp webhooks: one callback URL per channel (`gateway-admin channels` prints it).
+
+A webhook is answered 200 once what it carries is durable: user messages stored (and queued,
+or left to the reconciler), statuses applied. Providers retry for hours or days when they get
+anything else, and deliver the same event more than once and out of order: messages are
+deduplicated by their channel id (`wamid`, a QR key id) when stored, statuses only move forward.
+A request whose signature does not verify is refused (401) and nothing is stored.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from chat_domain import (
+    ChannelView,
+    WhatsAppCloudConfig,
+    WhatsAppCloudSecrets,
+    get_channel,
+    get_channel_secrets,
+)
+from chat_pipeline import Runtime
+from chat_pipeline.cache import TTLCache
+from chat_pipeline.channels import whatsapp_cloud
+from chat_pipeline.channels.base import InboundMessage, StatusUpdate
+from chat_pipeline.receive import ChannelRoute, apply_status, receive_message
+from gateway.errors import ApiError
+from gateway.keys import runtime_key
+
+__all__ = ["routes", "whatsapp_cache_key"]
+
+log = logging.getLogger("gateway.whatsapp")
+
+
+@dataclass(frozen=True, slots=True)
+class _Channel:
+    view: ChannelView
+    secrets: Any
+
+
+class WebhookChannels:
+    """Channel settings and secrets by id, cached briefly (every webhook needs them)."""
+
+    def __init__(self) -> None:
+        self._cache: TTLCache[uuid.UUID, _Channel | None] = TTLCache()
+
+    async def get(self, rt: Runtime, raw_id: str, kind: str) -> _Channel:
+        try:
+            channel_id = uuid.UUID(raw_id)
+        except ValueError:
+            raise ApiError(404, "unknown_channel", "no such channel", "channel_id") from None
+
+        async def load() -> _Channel | None:
+            async with rt.sessions() as session:
+                view = await get_channel(session, channel_id)
+                if view is None:
+                    return None
+                return _Channel(view, await get_channel_secrets(session, rt.box, channel_id))
+
+        found = await self._cache.get(channel_id, load)
+        if found is None or found.view.kind != kind or not found.view.active:
+            raise ApiError(404, "unknown_channel", "no such channel", "channel_id")
+        return found
+
+
+whatsapp_cache_key = web.AppKey("whatsapp_channels", WebhookChannels)
+
+
+WEBHOOK_MAX_BYTES = 1024 * 1024  # a provider may batch many events in one call
+
+
+async def read_body(request: web.Request, limit: int = WEBHOOK_MAX_BYTES) -> bytes:
+    """The raw body, up to `limit` bytes (the app's default limit is the widget's, smaller)."""
+    if request.content_length is not None and request.content_length > limit:
+        raise ApiError(413, "too_large", f"the body is larger than {limit} bytes")
+    chunks: list[bytes] = []
+    size = 0
+    while chunk := await request.content.read(65536):
+        size += len(chunk)
+        if size > limit:
+            raise ApiError(413, "too_large", f"the body is larger than {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _route(channel: ChannelView) -> ChannelRoute:
+    return ChannelRoute(channel.tenant_id, channel.chatbot_id, channel.id, channel.kind)
+
+
+async def _apply(
+    rt: Runtime, channel: ChannelView, items: list[InboundMessage | StatusUpdate]
+) -> dict[str, int]:
+    counts = {"messages": 0, "duplicates": 0, "statuses": 0}
+    route = _route(channel)
+    for item in items:
+        if isinstance(item, InboundMessage):
+            received = await receive_message(rt, route, item)
+            counts["duplicates" if received.duplicate else "messages"] += 1
+        else:
+            await apply_status(rt, channel.id, item)
+            counts["statuses"] += 1
+    return counts
+
+
+# -- WhatsApp Cloud API ---------------------------------------------------------------------------
+
+
+async def cloud_verify(request: web.Request) -> web.StreamResponse:
+    """Meta's subscription check: echo `hub.challenge` when the verify token matches."""
+    rt = request.app[runtime_key]
+    found = await request.app[whatsapp_cache_key].get(
+        rt, request.match_info["channel_id"], "whatsapp_cloud"
+    )
+    assert isinstance(found.secrets, WhatsAppCloudSecrets)
+    challenge = whatsapp_cloud.verify_subscription(request.query, found.secrets.verify_token)
+    if challenge is None:
+        raise ApiError(403, "verification_failed", "verify token mismatch", "hub.verify_token")
+    return web.Response(text=challenge, content_type="text/plain")
+
+
+async def cloud_events(request: web.Request) -> web.StreamResponse:
+    rt = request.app[runtime_key]
+    found = await request.app[whatsapp_cache_key].get(
+        rt, request.match_info["channel_id"], "whatsapp_cloud"
+    )
+    assert isinstance(found.secrets, WhatsAppCloudSecrets)
+    assert isinstance(found.view.config, WhatsAppCloudConfig)
+    raw = await read_body(request)  # the signature covers these exact bytes
+    if not whatsapp_cloud.verify_signature(
+        found.secrets.app_secret, raw, request.headers.get("X-Hub-Signature-256")
+    ):
+        raise ApiError(401, "invalid_signature", "signature does not verify", "signature")
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise ApiError(400, "invalid_json", "the body must be JSON") from None
+    number = found.view.config.phone_number_id
+    items: list[InboundMessage | StatusUpdate] = []
+    for key, item in whatsapp_cloud.parse_webhook(body):
+        if key == number:
+            items.append(item)
+        else:  # another number of the same app: not this channel's
+            log.info("channel %s: event for number %s ignored", found.view.id, key)
+    counts = await _apply(rt, found.view, items)
+    return web.json_response({"ok": True, **counts})
+
+
+def routes() -> list[web.RouteDef]:
+    return [
+        web.get("/v1/channels/{channel_id}/whatsapp-cloud", cloud_verify),
+        web.post("/v1/channels/{channel_id}/whatsapp-cloud", cloud_events),
+    ]
