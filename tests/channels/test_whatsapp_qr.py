@@ -805,6 +805,7 @@ WAHA_422 = {
         (500, {"message": "boom"}, {}, RetryableSendError, "http_500"),
         (503, "upstream down", {"Retry-After": "3"}, RetryableSendError, "http_503"),
         (400, {"message": ["chatId must be a string"]}, {}, PermanentSendError, "bad_request"),
+        (408, {"message": "Request Timeout"}, {}, RetryableSendError, "http_408"),
     ],
 )  # fmt: skip
 async def test_waha_send_errors(
@@ -826,8 +827,11 @@ async def test_waha_send_errors(
     if isinstance(err.value, ThrottledError):
         assert err.value.delay_s == 7.0
     if isinstance(err.value, RetryableSendError):
-        assert err.value.ambiguous  # a 5xx may come after WhatsApp got the message
+        # a 5xx may come after WhatsApp got the message; a 408 says nothing was processed
+        assert err.value.ambiguous is (status >= 500)
         assert err.value.retry_after_s == (3.0 if status == 503 else None)
+    if code == "session_not_working" and status == 422:
+        assert "SCAN_QR_CODE" in str(err.value)  # what the tenant is told to fix
 
 
 @pytest.mark.parametrize(

@@ -441,7 +441,7 @@ def _waha_message(payload: dict[str, Any]) -> InboundMessage | None:
     chat = _text(payload.get("from"))
     if message_id is None or chat is None or _waha_from_me(payload, message_id):
         return None
-    if not _is_direct_chat(chat) or _text(payload.get("participant")):
+    if not _is_direct_chat(chat):
         return None
     data = _obj(payload.get("_data")) or {}
     raw_message = _obj(data.get("message"))  # NOWEB/GOWS: Baileys' own message
@@ -809,6 +809,8 @@ class _QrClient:
             return ChannelFatalError(label, code="unauthorized")
         if status == 429:
             return ThrottledError(label, code="rate_limited", delay_s=_retry_after(response) or 5.0)
+        if status == 408:  # the server gave up waiting for our request: nothing was processed
+            return RetryableSendError(label, code="http_408", retry_after_s=_retry_after(response))
         specific = self._specific(label, status, body, words)
         if specific is not None:
             return specific
@@ -900,6 +902,8 @@ class WahaSender(_QrClient):
             if _not_on_whatsapp(body):
                 return PermanentSendError(label, code="not_on_whatsapp")
             # the session is not WORKING (WAHA waited 5 s for it): hold the channel, re-pair
+            state = _text(body.get("status")) if isinstance(body, dict) else None
+            label += f" [session {state}]" if state else ""
             return ChannelFatalError(label, code="session_not_working")
         return None
 
