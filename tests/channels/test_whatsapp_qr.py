@@ -857,6 +857,16 @@ async def test_transport_failures(
             assert err.value.__cause__ is None and err.value.__suppress_context__
 
 
+async def test_a_base_url_without_scheme_is_fatal(http: httpx.AsyncClient) -> None:
+    for sender in (
+        WahaSender("waha:3000", SESSION, API_KEY, http),
+        EvolutionSender("evolution.internal:8080", SESSION, API_KEY, http),
+    ):
+        with pytest.raises(ChannelFatalError) as err:
+            await sender.send_text(outbound())
+        assert err.value.code == "invalid_base_url"
+
+
 @pytest.mark.parametrize(
     ("raw", "status"),
     [

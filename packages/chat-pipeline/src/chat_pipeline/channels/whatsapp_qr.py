@@ -313,12 +313,13 @@ def _baileys_content(message: dict[str, Any]) -> _Content | None:
             return "location", text, {}
     contact = _obj(message.get("contactMessage"))
     if contact is not None:
-        return "contacts", f"[contacts] {contact.get('displayName') or ''}".rstrip(), {}
+        return "contacts", f"[contacts] {_text(contact.get('displayName')) or ''}".rstrip(), {}
     contacts = _obj(message.get("contactsArrayMessage"))
     if contacts is not None:
+        listed_contacts = contacts.get("contacts")
         names = [
             c["displayName"]
-            for c in contacts.get("contacts") or []
+            for c in (listed_contacts if isinstance(listed_contacts, list) else [])
             if isinstance(c, dict) and _text(c.get("displayName"))
         ]
         return "contacts", " ".join(["[contacts]", ", ".join(names)]).rstrip(), {}
@@ -779,6 +780,12 @@ class _QrClient:
             return await self._http.request(
                 method, self.base_url + path, json=json_body, params=params, headers=headers
             )
+        except (httpx.UnsupportedProtocol, httpx.InvalidURL) as exc:
+            # the channel's base_url is wrong: no retry will fix it
+            raise ChannelFatalError(
+                f"{self.service} {what}: unusable base_url ({type(exc).__name__})",
+                code="invalid_base_url",
+            ) from None
         except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
             # nothing reached the service: a retry cannot send twice
             raise RetryableSendError(
@@ -799,8 +806,7 @@ class _QrClient:
             ) from None
 
     def _classify(self, what: str, response: httpx.Response) -> SendError:
-        """The seam's error for a non-2xx answer (both services; `_session_error` and
-        `_specific` add what differs)."""
+        """The seam's error for a non-2xx answer; `_specific` adds what differs per service."""
         status = response.status_code
         body = _json(response)
         words = _error_words(body)
