@@ -574,13 +574,14 @@ def test_evolution_ignores_echoes_groups_and_broadcasts(key: dict[str, Any]) -> 
 
 
 def test_evolution_skips_edits_reactions_and_empty_messages() -> None:
-    for message in (
+    messages: list[dict[str, Any]] = [
         {"protocolMessage": {"type": "REVOKE"}},
         {"reactionMessage": {"text": "❤"}},
         {"editedMessage": {"message": {"protocolMessage": {}}}, "messageContextInfo": {}},
-        {},
-    ):
-        assert parse_evolution_webhook(evo_upsert(message or {"x": None})) == []
+        {"x": None},
+    ]
+    for message in messages:
+        assert parse_evolution_webhook(evo_upsert(message)) == []
 
 
 def evo_update(status: Any, **extra: Any) -> dict[str, Any]:
