@@ -4,6 +4,7 @@ requests and error classes, session status and pairing QR. Providers are faked w
 from __future__ import annotations
 
 import base64
+import dataclasses
 import hashlib
 import hmac
 import json
@@ -772,6 +773,29 @@ async def test_waha_reply_quotes_only_the_first_part_of_a_split_text(waha: WahaS
     assert all("reply_to" not in b for b in bodies[1:])
     assert all(len(b["text"]) <= MAX_TEXT_CHARS for b in bodies)
     assert "\n\n".join(b["text"] for b in bodies) == text  # cut at paragraph boundaries
+
+
+async def test_a_split_text_failing_midway_names_what_went_out_and_resumes_after_it(
+    waha: WahaSender,
+) -> None:
+    paragraph = ("Lorem ipsum dolor sit amet. " * 60).strip()
+    text = "\n\n".join([paragraph] * 6)  # three parts
+    answers = iter(
+        [httpx.Response(201, json={"key": {"id": "3EB0A1"}}), httpx.Response(503, json={})]
+    )
+    with respx.mock(base_url=WAHA) as router:
+        router.post("/api/sendText").mock(side_effect=lambda request: next(answers))
+        with pytest.raises(RetryableSendError) as err:
+            await waha.send_text(outbound(text))
+    assert err.value.sent_external_ids == ("3EB0A1",)  # type: ignore[attr-defined]
+    assert err.value.sent_parts == 1  # type: ignore[attr-defined]
+    with respx.mock(base_url=WAHA) as router:
+        route = router.post("/api/sendText").mock(
+            return_value=httpx.Response(201, json={"key": {"id": "3EB0A9"}})
+        )
+        retried = dataclasses.replace(outbound(text), skip_parts=1)
+        result = await waha.send_text(retried)
+    assert len(route.calls) == 2 and result.external_ids == ("3EB0A9", "3EB0A9")
 
 
 async def test_waha_empty_text_is_permanent_without_a_request(waha: WahaSender) -> None:

@@ -241,7 +241,8 @@ class SendProcessor:
             )
         except SendError as exc:
             # parts of a long reply that went out are never sent again by a later attempt
-            sent_now = len(getattr(exc, "sent_external_ids", ()) or ())
+            sent_ids = getattr(exc, "sent_external_ids", ()) or ()
+            sent_now = int(getattr(exc, "sent_parts", len(sent_ids)))
             if sent_now:
                 await self.gate.note_parts_sent(out.message_id, done + sent_now)
             return await self._failed(out, exc)

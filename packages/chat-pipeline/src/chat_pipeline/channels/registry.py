@@ -14,9 +14,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from chat_domain import ChannelView, WhatsAppCloudConfig, WhatsAppCloudSecrets
+from chat_domain import (
+    ChannelView,
+    WhatsAppCloudConfig,
+    WhatsAppCloudSecrets,
+    WhatsAppQrConfig,
+    WhatsAppQrSecrets,
+)
 from chat_domain.types import ChannelKind
-from chat_pipeline.channels.base import Sender
+from chat_pipeline.channels.base import OutboundText, Sender, SendResult
 from chat_pipeline.config import PipelineSettings
 from chat_pipeline.consumer import pipeline_worker, serve_workers
 from chat_pipeline.runtime import Runtime
@@ -44,6 +50,46 @@ def _cloud_sender(channel: ChannelView, secrets: Any, rt: Runtime) -> Sender:
     )
 
 
+class _GentleQr:
+    """A QR sender that shows "typing" for a while before each reply, as a person would: a
+    Baileys number that answers instantly and tirelessly is what gets banned."""
+
+    def __init__(self, sender: Any, per_char_ms: int) -> None:
+        self.sender = sender
+        self.per_char_ms = per_char_ms
+
+    async def send_text(self, message: OutboundText) -> SendResult:
+        from chat_pipeline.channels.whatsapp_qr import typing_delay_s
+
+        chat = self.sender._chat(message.recipient)
+        delay = typing_delay_s(message.text, per_char_ms=self.per_char_ms, max_s=8.0)
+        start = getattr(self.sender, "start_typing", None)
+        if start is not None and delay > 0 and await start(chat):
+            await asyncio.sleep(delay)
+            await self.sender.stop_typing(chat)
+        result: SendResult = await self.sender.send_text(message)
+        return result
+
+    async def typing(self, external_message_id: str) -> bool:
+        return False  # the delay above is the typing indicator
+
+    async def aclose(self) -> None:
+        await self.sender.aclose()
+
+
+def _qr_sender(channel: ChannelView, secrets: Any, rt: Runtime) -> Sender:
+    from chat_pipeline.channels.whatsapp_qr import EvolutionSender, WahaSender
+
+    config = channel.config
+    if not isinstance(config, WhatsAppQrConfig):
+        raise ValueError(f"channel {channel.id} is not a WhatsApp QR channel")
+    api_key = secrets.api_key if isinstance(secrets, WhatsAppQrSecrets) else None
+    kind = WahaSender if config.service == "waha" else EvolutionSender
+    sender = kind(config.base_url, config.session, api_key)
+    per_char = rt.settings.qr_typing_ms_per_char
+    return _GentleQr(sender, per_char) if per_char > 0 else sender
+
+
 @dataclass(frozen=True, slots=True)
 class ChannelSpec:
     kind: ChannelKind
@@ -55,6 +101,9 @@ class ChannelSpec:
 CHANNELS: dict[ChannelKind, ChannelSpec] = {
     "whatsapp_cloud": ChannelSpec(
         "whatsapp_cloud", "channel-whatsapp-cloud", _cloud_sender, lambda s: s.whatsapp_rate_per_s
+    ),
+    "whatsapp_qr": ChannelSpec(
+        "whatsapp_qr", "channel-whatsapp-qr", _qr_sender, lambda s: s.qr_rate_per_s
     ),
 }
 

@@ -844,15 +844,31 @@ class _QrClient:
         raise NotImplementedError
 
     async def send_text(self, message: OutboundText) -> SendResult:
+        """Sends the parts in order (skipping `message.skip_parts` an earlier attempt sent).
+        When a part fails, the raised `SendError` carries `sent_external_ids` (the ids of the
+        parts this call sent before it, as the Cloud sender does) and `sent_parts` (how many
+        went out: a service may accept a part without naming its id); they are never sent
+        again."""
         parts = _split_text(message.text)
         if not parts:
-            raise PermanentSendError(f"{self.service} sendText: empty text", code="empty_text")
+            error = PermanentSendError(f"{self.service} sendText: empty text", code="empty_text")
+            error.sent_external_ids = ()  # type: ignore[attr-defined]
+            raise error
         chat = self._chat(message.recipient)
         ids: list[str] = []
+        sent = 0
         for index, part in enumerate(parts):
+            if index < message.skip_parts:
+                continue
             # only the first part quotes the message it answers
             reply_to = message.reply_to_external_id if index == 0 else None
-            sent_id = await self._send_one(chat, part, reply_to)
+            try:
+                sent_id = await self._send_one(chat, part, reply_to)
+            except SendError as error:
+                error.sent_external_ids = tuple(ids)  # type: ignore[attr-defined]
+                error.sent_parts = sent  # type: ignore[attr-defined]
+                raise
+            sent += 1
             if sent_id is None:
                 # sent, but we cannot tell its id: no status will match it; never resend for that
                 log.warning(
