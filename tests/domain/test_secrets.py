@@ -116,11 +116,25 @@ async def test_channel_lookups(
             ),
             secrets=WhatsAppQrSecrets(api_key="waha-key"),
         )
+        # another tenant's WAHA has a session of the same name (WAHA Core's is always
+        # "default"): a session is unique per service, not across the platform
+        twin = await create_channel(
+            session,
+            box,
+            chatbot_id=world.chatbot.id,
+            config=WhatsAppQrConfig(
+                service="waha", base_url="https://waha.other.example/", session=session_name
+            ),
+        )
     async with session_factory() as session:
         assert await find_channel_by_widget_key(session, world.chatbot.widget_public_key) == widget
         assert await find_channel_by_widget_key(session, "wpk_unknown") is None
-        assert await find_channel_by_qr_session(session, session_name) == qr
-        assert await find_channel_by_qr_session(session, "nope") is None
+        assert await find_channel_by_qr_session(session, "http://waha:3000/", session_name) == qr
+        assert (
+            await find_channel_by_qr_session(session, "https://WAHA.other.example", session_name)
+            == twin
+        )
+        assert await find_channel_by_qr_session(session, "http://waha:3000", "nope") is None
         assert await find_channel_by_phone_number_id(session, "nope") is None
         assert (await get_chatbot_by_widget_key(session, world.chatbot.widget_public_key)) == (
             await get_chatbot(session, world.chatbot.id)

@@ -3,6 +3,7 @@ the workers that need them."""
 
 from __future__ import annotations
 
+import hashlib
 import secrets as _secrets
 import uuid
 from collections.abc import Sequence
@@ -270,8 +271,15 @@ def _lookup_key(
     if isinstance(config, WhatsAppCloudConfig):
         return config.phone_number_id
     if isinstance(config, WhatsAppQrConfig):
-        return config.session
+        return qr_lookup_key(config.base_url, config.session)
     return str(chatbot_id)
+
+
+def qr_lookup_key(base_url: str, session_name: str) -> str:
+    """A QR session is unique per service, not globally: every WAHA Core install has one
+    session and it is called ``default``."""
+    service = base_url.strip().rstrip("/").lower()
+    return "qr:" + hashlib.sha256(f"{service}\n{session_name}".encode()).hexdigest()[:40]
 
 
 async def create_channel(
@@ -338,9 +346,9 @@ async def find_channel_by_phone_number_id(
 
 
 async def find_channel_by_qr_session(
-    session: AsyncSession, session_name: str
+    session: AsyncSession, base_url: str, session_name: str
 ) -> ChannelView | None:
-    return await _by_lookup(session, "whatsapp_qr", session_name)
+    return await _by_lookup(session, "whatsapp_qr", qr_lookup_key(base_url, session_name))
 
 
 async def get_channel_secrets(

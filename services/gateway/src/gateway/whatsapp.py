@@ -21,14 +21,17 @@ from chat_domain import (
     ChannelView,
     WhatsAppCloudConfig,
     WhatsAppCloudSecrets,
+    WhatsAppQrConfig,
+    WhatsAppQrSecrets,
     get_channel,
     get_channel_secrets,
 )
 from chat_pipeline import Runtime
 from chat_pipeline.cache import TTLCache
-from chat_pipeline.channels import whatsapp_cloud
+from chat_pipeline.channels import whatsapp_cloud, whatsapp_qr
 from chat_pipeline.channels.base import InboundMessage, StatusUpdate
 from chat_pipeline.receive import ChannelRoute, apply_status, receive_message
+from chat_pipeline.send import ChannelGate
 from gateway.errors import ApiError
 from gateway.keys import runtime_key
 
@@ -150,8 +153,73 @@ async def cloud_events(request: web.Request) -> web.StreamResponse:
     return web.json_response({"ok": True, **counts})
 
 
+# -- WhatsApp QR services (WAHA, Evolution API) ----------------------------------------------------
+
+
+async def qr_events(request: web.Request) -> web.StreamResponse:
+    """A WAHA or Evolution webhook. WAHA signs its body (`X-Webhook-Hmac`, SHA-512 with the
+    channel's webhook secret as the session's HMAC key); Evolution signs nothing, so its
+    webhook carries the channel's secret in `X-Webhook-Secret` (set in the instance's webhook
+    headers; see docs/channels.md)."""
+    rt = request.app[runtime_key]
+    found = await request.app[whatsapp_cache_key].get(
+        rt, request.match_info["channel_id"], "whatsapp_qr"
+    )
+    config = found.view.config
+    assert isinstance(config, WhatsAppQrConfig)
+    secret = found.secrets.webhook_secret if isinstance(found.secrets, WhatsAppQrSecrets) else None
+    raw = await read_body(request)
+    if config.service == "waha":
+        trusted = whatsapp_qr.verify_waha_hmac(
+            secret,
+            raw,
+            request.headers.get("X-Webhook-Hmac"),
+            algorithm=request.headers.get("X-Webhook-Hmac-Algorithm"),
+        )
+    else:
+        trusted = whatsapp_qr.verify_shared_secret(secret, request.headers.get("X-Webhook-Secret"))
+    if not trusted:
+        raise ApiError(401, "invalid_signature", "the webhook is not authenticated", "signature")
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise ApiError(400, "invalid_json", "the body must be JSON") from None
+    parse = (
+        whatsapp_qr.parse_waha_webhook
+        if config.service == "waha"
+        else whatsapp_qr.parse_evolution_webhook
+    )
+    items: list[InboundMessage | StatusUpdate] = []
+    sessions = 0
+    for key, item in parse(body):
+        if key != config.session:
+            log.info("channel %s: event for session %s ignored", found.view.id, key)
+        elif isinstance(item, whatsapp_qr.SessionStatus):
+            sessions += 1
+            await _session_changed(rt, found.view, item)
+        else:
+            items.append(item)
+    counts = await _apply(rt, found.view, items)
+    return web.json_response({"ok": True, **counts, "sessions": sessions})
+
+
+async def _session_changed(
+    rt: Runtime, channel: ChannelView, status: whatsapp_qr.SessionStatus
+) -> None:
+    """A working session sends at once; any other state stops the channel's sends (they wait,
+    no attempt used) until it works again. The tenant sees why in `gateway-admin channels`."""
+    gate = ChannelGate(rt.redis)
+    if status.status == "working":
+        if await gate.close(channel.id):
+            log.info("channel %s: session working again; sends resume", channel.id)
+    elif status.status != "starting":
+        await gate.open(channel.id, f"session_{status.status}", f"session is {status.raw}")
+        log.warning("channel %s: session %s; sends wait", channel.id, status.raw)
+
+
 def routes() -> list[web.RouteDef]:
     return [
         web.get("/v1/channels/{channel_id}/whatsapp-cloud", cloud_verify),
         web.post("/v1/channels/{channel_id}/whatsapp-cloud", cloud_events),
+        web.post("/v1/channels/{channel_id}/whatsapp-qr", qr_events),
     ]

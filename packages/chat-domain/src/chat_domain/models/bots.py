@@ -46,10 +46,10 @@ class Chatbot(UUIDPrimaryKey, CreatedAt, Base):
 
 
 class Channel(UUIDPrimaryKey, CreatedAt, Base):
-    """Where a chatbot talks. ``lookup_key`` routes inbound traffic: the chatbot id for
-    ``widget`` (one widget channel per chatbot), the phone number id for ``whatsapp_cloud``, the
-    session (WAHA) or instance (Evolution) name for ``whatsapp_qr``. Secrets live only in
-    ``secrets_enc``, one Fernet-encrypted JSON object."""
+    """Where a chatbot talks. ``lookup_key`` keeps routes unique: the chatbot id for ``widget``
+    (one widget channel per chatbot), the phone number id for ``whatsapp_cloud``, a hash of the
+    service's URL and the session (WAHA) or instance (Evolution) for ``whatsapp_qr``. Secrets
+    live only in ``secrets_enc``, one Fernet-encrypted JSON object."""
 
     __tablename__ = "channels"
     __table_args__ = (
