@@ -90,6 +90,8 @@ async def test_second_run_reuses_the_data_and_ctrl_c_stops_everything(tmp_path: 
             await widget.post(VISITOR, "When does the roastery open?")
             first = await widget.wait_messages(VISITOR, lambda ms: len(ms) == 2)
         assert first[1]["text"].startswith("From our knowledge base:"), "offline answer"
+        running = " ".join(_of_run(data))
+        assert "-m channel_whatsapp_cloud" in running and "-m channel_whatsapp_qr" in running
     finally:
         await _stop(proc)
     proc, key_again = await _launch(data, port)
@@ -163,7 +165,7 @@ def _kill_run(launcher: subprocess.Popen[str], data_dir: Path) -> None:
 async def test_ctrl_c_stops_everything_when_the_pipe_reader_is_gone(data_dir: Path) -> None:
     launcher, _key = await _launch(data_dir, free_port())
     try:
-        assert len(_of_run(data_dir)) >= 4, "the launcher, Valkey, gateway and ai-worker run"
+        assert len(_of_run(data_dir)) >= 6, "the launcher, Valkey and the services run"
         assert launcher.stdout is not None
         # `make run | tee log` after tee died: the launcher's next print raises BrokenPipeError
         launcher.stdout.close()
@@ -205,7 +207,7 @@ async def test_children_do_not_outlive_a_killed_launcher(data_dir: Path) -> None
     launcher = _spawn(data_dir, free_port())
     try:
         await _services_spawned(launcher, data_dir)
-        assert len(_of_run(data_dir)) >= 4, "the launcher, Valkey, gateway and ai-worker run"
+        assert len(_of_run(data_dir)) >= 6, "the launcher, Valkey and the services run"
         launcher.kill()  # SIGKILL: no handler, no finally
         await asyncio.to_thread(launcher.wait, 10)
         assert await _left_after(data_dir, 30) == [], "orphans of a SIGKILLed launcher"

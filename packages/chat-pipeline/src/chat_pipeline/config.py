@@ -99,6 +99,10 @@ class PipelineSettings:
     qr_rate_per_s: int = 1  # per QR session: gentle, a Baileys number is easy to ban
     qr_typing_ms_per_char: int = 0  # QR: show "typing" this long per character (0: off)
     channel_concurrency: int = 10
+    # a send call's time limit; one that runs out after the request went is resolved by status
+    # webhooks or a bounded retry, never a blind second send
+    whatsapp_send_timeout_s: float = 15.0
+    qr_send_timeout_s: float = 30.0  # WAHA holds a send up to 5 s waiting for its session
     # workers
     incoming_concurrency: int = 20
     outgoing_concurrency: int = 20
@@ -167,6 +171,8 @@ class PipelineSettings:
             qr_rate_per_s=_int(env, "QR_RATE_PER_S", 1, 1),
             qr_typing_ms_per_char=_int(env, "QR_TYPING_MS_PER_CHAR", 0),
             channel_concurrency=_int(env, "CHANNEL_CONCURRENCY", 10, 1),
+            whatsapp_send_timeout_s=_float(env, "WHATSAPP_SEND_TIMEOUT_S", 15.0),
+            qr_send_timeout_s=_float(env, "QR_SEND_TIMEOUT_S", 30.0),
             incoming_concurrency=_int(env, "INCOMING_CONCURRENCY", 20, 1),
             outgoing_concurrency=_int(env, "OUTGOING_CONCURRENCY", 20, 1),
             ai_concurrency=_int(env, "AI_CONCURRENCY", 10, 1),

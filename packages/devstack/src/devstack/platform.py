@@ -37,7 +37,11 @@ __all__ = ["Platform", "PlatformError", "Stopped", "main", "supervise"]
 SERVICES: dict[str, list[str]] = {
     "gateway": ["-m", "gateway"],
     "ai-worker": ["-m", "ai_worker"],
+    "channel-whatsapp-cloud": ["-m", "channel_whatsapp_cloud"],
+    "channel-whatsapp-qr": ["-m", "channel_whatsapp_qr"],
 }
+# what `make run` starts: the channel services idle until a tenant adds a WhatsApp channel
+ALL_SERVICES: tuple[str, ...] = tuple(SERVICES)
 
 
 class PlatformError(RuntimeError):
@@ -447,6 +451,7 @@ def main(argv: list[str] | None = None) -> int:
             args.data_dir,
             port=args.port,
             host=args.host,
+            services=ALL_SERVICES,
             redis_url=os.environ.get("PLATFORM_REDIS_URL") or None,
         )
     except PlatformError as exc:
@@ -490,6 +495,7 @@ Chatbot platform is running ({mode}).
   Demo page (chat with the bot):  {platform.url}/demo/{platform.demo.get("public_key", "?")}
   Embed snippet:                  {platform.demo.get("snippet", "")}
   Health / metrics:               {platform.url}/readyz  {platform.url}/metrics
+  WhatsApp channels:              .venv/bin/gateway-admin channels --help  (docs/channels.md)
   Data and logs:                  {platform.data_dir}  ({platform.logs})
 
 Press Ctrl-C to stop."""

@@ -47,6 +47,7 @@ def _cloud_sender(channel: ChannelView, secrets: Any, rt: Runtime) -> Sender:
         secrets.access_token,
         base_url=s.whatsapp_graph_url,
         version=s.whatsapp_graph_version,
+        timeout=s.whatsapp_send_timeout_s,
     )
 
 
@@ -85,7 +86,7 @@ def _qr_sender(channel: ChannelView, secrets: Any, rt: Runtime) -> Sender:
         raise ValueError(f"channel {channel.id} is not a WhatsApp QR channel")
     api_key = secrets.api_key if isinstance(secrets, WhatsAppQrSecrets) else None
     kind = WahaSender if config.service == "waha" else EvolutionSender
-    sender = kind(config.base_url, config.session, api_key)
+    sender = kind(config.base_url, config.session, api_key, timeout=rt.settings.qr_send_timeout_s)
     per_char = rt.settings.qr_typing_ms_per_char
     return _GentleQr(sender, per_char) if per_char > 0 else sender
 

@@ -749,13 +749,14 @@ class _QrClient:
         api_key: str | None,
         http: httpx.AsyncClient | None,
         key_header: str,
+        timeout: float = 30.0,
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self.session = session
         self._headers = {key_header: api_key} if api_key else {}
         self._own_http = http is None
         # WAHA holds a send up to 5 s waiting for its session; Baileys itself can take seconds.
-        self._http = http or httpx.AsyncClient(timeout=httpx.Timeout(30.0, connect=5.0))
+        self._http = http or httpx.AsyncClient(timeout=httpx.Timeout(timeout, connect=5.0))
 
     @property
     def _quoted_session(self) -> str:
@@ -911,8 +912,10 @@ class WahaSender(_QrClient):
         session: str,
         api_key: str | None,
         http: httpx.AsyncClient | None = None,
+        *,
+        timeout: float = 30.0,
     ) -> None:
-        super().__init__(base_url, session, api_key, http, "X-Api-Key")
+        super().__init__(base_url, session, api_key, http, "X-Api-Key", timeout)
 
     def _chat(self, recipient: str) -> str:
         return waha_chat_id(recipient)
@@ -1021,8 +1024,10 @@ class EvolutionSender(_QrClient):
         instance: str,
         api_key: str | None,
         http: httpx.AsyncClient | None = None,
+        *,
+        timeout: float = 30.0,
     ) -> None:
-        super().__init__(base_url, instance, api_key, http, "apikey")
+        super().__init__(base_url, instance, api_key, http, "apikey", timeout)
 
     @property
     def instance(self) -> str:
