@@ -27,7 +27,7 @@ from chat_pipeline.channels.base import (
     ThrottledError,
 )
 from chat_pipeline.send import SendProcessor
-from queue_core import DelayJob, GroupRateLimitError
+from queue_core import DelayJob, GroupRateLimitError, JobState
 
 from .helpers import _job, _tenant
 
@@ -191,6 +191,37 @@ async def test_a_channel_fatal_error_opens_the_circuit_until_the_channel_is_fixe
     assert await process(_job(rt.pipeline.whatsapp_cloud, second)) == "sent"
     assert await process(_job(rt.pipeline.whatsapp_cloud, first)) == "sent"
     assert not (await process.gate.state(t["wa"])).open
+
+
+async def test_a_channel_that_works_again_starts_its_waiting_messages_at_once(
+    rt: Runtime, sender: ScriptedSender
+) -> None:
+    """Messages paused by an open circuit wait as delayed jobs; without parking they would wait
+    out their whole delay (a minute) after the channel is fixed."""
+    t = await _tenant(rt)
+    queue = rt.pipeline.whatsapp_cloud
+    process = _processor(rt, sender)
+    sender.outcomes = [ChannelFatalError("token expired", code="190")]
+    # as the worker leaves them after each DelayJob: delayed
+    jobs = [await queue.add("send", await _reply(rt, t, f"m{i}"), delay=60_000) for i in range(3)]
+    for job in jobs:
+        with pytest.raises(DelayJob):
+            await process(job)
+    assert {await queue.get_state(j.id) for j in jobs} == {JobState.DELAYED}
+    # the probe interval passes and the next send (a new reply) goes through
+    await rt.redis.delete(f"chan:probe:{t['wa']}")
+    probe = await queue.add("send", await _reply(rt, t, "probe"))
+    assert await process(probe) == "sent"
+    assert not (await process.gate.state(t["wa"])).open
+    assert {await queue.get_state(j.id) for j in jobs} == {JobState.WAITING}
+    # the same through `resume` (new settings, a QR session working again)
+    sender.outcomes = [ChannelFatalError("token expired", code="190")]
+    later = await queue.add("send", await _reply(rt, t, "later"), delay=60_000)
+    with pytest.raises(DelayJob):
+        await process(later)
+    assert await process.gate.resume(t["wa"], queue) == 1
+    assert await queue.get_state(later.id) == JobState.WAITING
+    assert await process.gate.resume(t["wa"], queue) == 0  # parked once, started once
 
 
 async def test_the_per_number_rate_holds_across_processors(

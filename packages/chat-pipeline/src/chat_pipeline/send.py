@@ -42,9 +42,9 @@ from chat_pipeline.channels.base import (
     ThrottledError,
 )
 from chat_pipeline.runtime import Runtime
-from queue_core import DelayJob, GroupRateLimitError, Job
+from queue_core import DelayJob, GroupRateLimitError, Job, Queue
 
-__all__ = ["ChannelGate", "CircuitState", "SendProcessor", "SenderFactory"]
+__all__ = ["ChannelGate", "CircuitState", "GateCheck", "SendProcessor", "SenderFactory"]
 
 log = logging.getLogger("chat_pipeline.send")
 
@@ -79,9 +79,21 @@ class CircuitState:
     since: float | None = None  # epoch seconds
 
 
+@dataclass(frozen=True, slots=True)
+class GateCheck:
+    wait_ms: int  # how long the channel must not send (0: it may)
+    circuit_open: bool  # a send now is the circuit's probe
+    parts_sent: int  # parts of this reply that earlier attempts sent
+
+
 class ChannelGate:
     """Per-channel pauses shared by every replica, in Redis: the circuit (a channel-fatal error
-    opened it), a hold (the provider throttled the channel) and the per-number send rate."""
+    opened it), a hold (the provider throttled the channel) and the per-number send rate.
+    Messages that wait on a paused channel are parked under it, so whoever resumes the channel
+    (new settings, a QR session working again, a probe that went through) starts them at once
+    instead of after their delay."""
+
+    PARKED_TTL_S = 7 * 86_400
 
     def __init__(self, redis: Any) -> None:
         self.redis = redis
@@ -91,13 +103,24 @@ class ChannelGate:
     def _key(kind: str, channel_id: uuid.UUID) -> str:
         return f"chan:{kind}:{channel_id}"
 
-    async def wait_ms(self, channel_id: uuid.UUID) -> int:
-        """How long this channel must not send (0: it may)."""
+    async def check(self, channel_id: uuid.UUID, message_id: uuid.UUID | None = None) -> GateCheck:
+        """One round trip: may the channel send, is this send a probe, what went out already."""
         pipe = self.redis.pipeline(transaction=False)
         pipe.pttl(self._key("probe", channel_id))
         pipe.pttl(self._key("hold", channel_id))
-        probe, hold = await pipe.execute()
-        return max(0, int(probe), int(hold))
+        pipe.exists(self._key("circuit", channel_id))
+        if message_id is not None:
+            pipe.get(f"chan:parts:{message_id}")
+        probe, hold, circuit, *parts = await pipe.execute()
+        return GateCheck(
+            wait_ms=max(0, int(probe), int(hold)),
+            circuit_open=bool(circuit),
+            parts_sent=int(parts[0] or 0) if parts else 0,
+        )
+
+    async def wait_ms(self, channel_id: uuid.UUID) -> int:
+        """How long this channel must not send (0: it may)."""
+        return (await self.check(channel_id)).wait_ms
 
     async def take(self, channel_id: uuid.UUID, per_second: int) -> int:
         """Count one send against the channel's rate; 0, or the ms to wait first."""
@@ -117,6 +140,14 @@ class ChannelGate:
         pipe.set(self._key("probe", channel_id), "1", px=CIRCUIT_PROBE_MS)
         await pipe.execute()
 
+    async def park(self, channel_id: uuid.UUID, job_id: str) -> None:
+        """`job_id` waits (delayed) until the channel resumes."""
+        key = self._key("parked", channel_id)
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.sadd(key, job_id)
+        pipe.expire(key, self.PARKED_TTL_S)
+        await pipe.execute()
+
     async def parts_sent(self, message_id: uuid.UUID) -> int:
         """How many parts of a long reply earlier attempts sent."""
         raw = await self.redis.get(f"chan:parts:{message_id}")
@@ -126,11 +157,27 @@ class ChannelGate:
         await self.redis.set(f"chan:parts:{message_id}", count, ex=86_400)
 
     async def close(self, channel_id: uuid.UUID) -> bool:
-        """The channel sends again (its settings were fixed, or a probe went through)."""
+        """The channel may send again; True when it had been stopped. Its parked messages still
+        wait for their delay: `resume` also starts them."""
         removed = await self.redis.delete(
             self._key("circuit", channel_id), self._key("probe", channel_id)
         )
         return bool(removed)
+
+    async def resume(self, channel_id: uuid.UUID, queue: Queue) -> int:
+        """Close the circuit and start the messages parked under it now; how many started.
+        A message that parks itself between the two may still wait out its delay (at most one
+        probe interval), when it goes out as the probe."""
+        await self.close(channel_id)
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.smembers(self._key("parked", channel_id))
+        pipe.delete(self._key("parked", channel_id))
+        members, _ = await pipe.execute()
+        ids = sorted(m.decode() if isinstance(m, bytes) else str(m) for m in members)
+        started = 0
+        for at in range(0, len(ids), 500):
+            started += await queue.promote_jobs(job_ids=ids[at : at + 500])
+        return started
 
     async def state(self, channel_id: uuid.UUID) -> CircuitState:
         raw = await self.redis.hgetall(self._key("circuit", channel_id))
@@ -218,9 +265,11 @@ class SendProcessor:
         out = OutgoingMessage.model_validate(job.data)
         if await self._went_out(out.message_id):
             return "already-sent"  # sent by an earlier run, or a status webhook said so
-        wait = await self.gate.wait_ms(out.channel_id)
-        if wait:
-            raise DelayJob(wait)  # paused channel: the message waits, no attempt is used
+        gate = await self.gate.check(out.channel_id, out.message_id)
+        if gate.wait_ms:
+            # paused channel: the message waits, no attempt is used, until the channel resumes
+            await self.gate.park(out.channel_id, job.id)
+            raise DelayJob(gate.wait_ms)
         sender = await self._sender(out.channel_id)
         if sender is None:
             await self._fail(out, "channel_unavailable", "the channel is gone or disabled")
@@ -228,7 +277,7 @@ class SendProcessor:
         wait = await self.gate.take(out.channel_id, self.per_second)
         if wait:
             raise DelayJob(wait)
-        done = await self.gate.parts_sent(out.message_id)
+        done = gate.parts_sent
         try:
             result = await sender.send_text(
                 OutboundText(
@@ -245,15 +294,17 @@ class SendProcessor:
             sent_now = int(getattr(exc, "sent_parts", len(sent_ids)))
             if sent_now:
                 await self.gate.note_parts_sent(out.message_id, done + sent_now)
-            return await self._failed(out, exc)
+            return await self._failed(job, out, exc)
         await self._record(out, result.external_ids, status="sent")
-        await self.gate.close(out.channel_id)  # a probe went through: the channel is healthy
+        if gate.circuit_open:  # the probe went through: the channel works again
+            started = await self.gate.resume(out.channel_id, job.queue)
+            log.info("channel %s sends again; %d waiting messages started", out.channel_id, started)
         self.rt.usage.record(out.tenant_id, "whatsapp_send", dedupe_key=f"send:{out.message_id}")
         if self.on_sent is not None:
             await self.on_sent(out, result.external_ids)
         return "sent"
 
-    async def _failed(self, out: OutgoingMessage, exc: SendError) -> str:
+    async def _failed(self, job: Job, out: OutgoingMessage, exc: SendError) -> str:
         """What a typed send failure means for this message and its channel."""
         if isinstance(exc, ThrottledError):
             ms = max(1, int(exc.delay_s * 1000))
@@ -268,6 +319,7 @@ class SendProcessor:
                 out.channel_id,
                 exc.code or type(exc).__name__,
             )
+            await self.gate.park(out.channel_id, job.id)
             raise DelayJob(CIRCUIT_PROBE_MS) from exc
         if isinstance(exc, PermanentSendError):
             await self._fail(out, exc.code or "permanent", str(exc))

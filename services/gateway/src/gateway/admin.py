@@ -59,6 +59,7 @@ from chat_domain import (
     update_channel,
 )
 from chat_pipeline import PipelineSettings
+from chat_pipeline.queues import Pipeline
 from chat_pipeline.send import ChannelGate, CircuitState
 from queue_core import connect
 
@@ -251,8 +252,9 @@ async def _channels(
         else:
             updated = await _update(session, box, current, args)
     assert updated is not None
-    if op == "update":
-        await gate.close(channel_id)  # new settings: sends resume at once
+    queue = Pipeline.open(gate.redis).channel_queue(updated.kind)
+    if op in ("update", "enable") and queue is not None:
+        await gate.resume(channel_id, queue)  # new settings: waiting sends go at once
     return _describe(updated, base, await _circuit(gate, updated))
 
 

@@ -210,8 +210,10 @@ async def _session_changed(
     no attempt used) until it works again. The tenant sees why in `gateway-admin channels`."""
     gate = ChannelGate(rt.redis)
     if status.status == "working":
-        if await gate.close(channel.id):
-            log.info("channel %s: session working again; sends resume", channel.id)
+        queue = rt.pipeline.channel_queue(channel.kind)
+        assert queue is not None
+        started = await gate.resume(channel.id, queue)
+        log.info("channel %s: session working; %d waiting sends start", channel.id, started)
     elif status.status != "starting":
         await gate.open(channel.id, f"session_{status.status}", f"session is {status.raw}")
         log.warning("channel %s: session %s; sends wait", channel.id, status.raw)
