@@ -144,3 +144,48 @@ def test_a_number_routed_twice_is_refused_in_one_line(
     again = _admin(gateway_db, gateway_redis.url, secret_key, *args)
     assert again.returncode == 1 and "already routed" in again.stderr
     assert "Traceback" not in again.stderr
+
+
+async def test_the_pairing_qr_is_fetched_from_the_qr_service(
+    gateway_db: str, gateway_redis: RedisServer, secret_key: str, chatbot_id: str, tmp_path: Any
+) -> None:
+    import asyncio
+
+    from tests.fakes.whatsapp import FakeEvolutionServer, FakeWahaServer
+
+    async def run(*a: str) -> subprocess.CompletedProcess[str]:
+        return await asyncio.to_thread(_admin, gateway_db, gateway_redis.url, secret_key, *a)
+
+    session = f"s-{uuid.uuid4().hex[:8]}"
+    async with FakeWahaServer(api_key="waha-key", sessions={session: "SCAN_QR_CODE"}) as waha:
+        added = _json(
+            await run("channels", "add-qr", "--chatbot", chatbot_id, "--service", "waha",
+                      "--base-url", waha.url, "--session", session, "--api-key", "waha-key",
+                      "--json")
+        )  # fmt: skip
+        png = tmp_path / "qr.png"
+        shown = _json(await run("channels", "qr", added["id"], "--out", str(png), "--json"))
+        assert shown["state"] == "scan_qr" and shown["raw"] == "SCAN_QR_CODE"
+        assert png.read_bytes().startswith(b"\x89PNG"), "the service's QR image, as it sent it"
+        text = await run("channels", "qr", added["id"])
+        assert text.returncode == 0 and "data:image/png;base64," in text.stdout
+        waha.set_session_status(session, "WORKING", notify=False)
+        paired = _json(await run("channels", "qr", added["id"], "--json"))
+        assert paired["state"] == "working" and "qr_data_url" not in paired
+        assert "waha-key" not in json.dumps(paired)
+        # the API key was refused: said plainly, the key not printed
+        _json(await run("channels", "update", added["id"], "--api-key", "nope", "--json"))
+        refused = await run("channels", "qr", added["id"])
+        assert refused.returncode == 1 and "waha" in refused.stderr and "nope" not in refused.stderr
+    instance = f"i-{uuid.uuid4().hex[:8]}"
+    async with FakeEvolutionServer(api_key="evo-key", instances={instance: "close"}) as evo:
+        added = _json(
+            await run("channels", "add-qr", "--chatbot", chatbot_id, "--service", "evolution",
+                      "--base-url", evo.url, "--session", instance, "--api-key", "evo-key",
+                      "--json")
+        )  # fmt: skip
+        shown = _json(await run("channels", "qr", added["id"], "--json"))
+        assert shown["state"] in ("stopped", "failed", "starting")
+        assert shown["qr_data_url"].startswith("data:image/png;base64,")
+    gone = await run("channels", "qr", added["id"])  # the service is down
+    assert gone.returncode == 1 and "evolution" in gone.stderr

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import json
 import secrets
 import sys
@@ -59,6 +60,8 @@ from chat_domain import (
     update_channel,
 )
 from chat_pipeline import PipelineSettings
+from chat_pipeline.channels import whatsapp_qr
+from chat_pipeline.channels.base import SendError
 from chat_pipeline.queues import Pipeline
 from chat_pipeline.send import ChannelGate, CircuitState
 from queue_core import connect
@@ -242,6 +245,8 @@ async def _channels(
         # shown once: the provider needs it; it is stored encrypted and never printed again
         return {**_describe(channel, base, None), **shown}
     channel_id = _uuid(args.channel_id, "the channel id")
+    if op == "qr":
+        return await _pairing(sessions, box, settings, channel_id, args.out)
     async with sessions() as session, session.begin():
         current = await get_channel(session, channel_id)
         if current is None:
@@ -256,6 +261,51 @@ async def _channels(
     if op in ("update", "enable") and queue is not None:
         await gate.resume(channel_id, queue)  # new settings: waiting sends go at once
     return _describe(updated, base, await _circuit(gate, updated))
+
+
+async def _pairing(
+    sessions: Any,
+    box: SecretBox,
+    settings: PipelineSettings,
+    channel_id: uuid.UUID,
+    out: str | None,
+) -> dict[str, Any]:
+    """A QR channel's session state and, while it waits for a scan, its pairing QR, asked of the
+    service itself (WAHA/Evolution hold it; we never store it: it changes every ~20 s)."""
+    async with sessions() as session:
+        channel = await get_channel(session, channel_id)
+        found = None if channel is None else await get_channel_secrets(session, box, channel_id)
+    if channel is None or not isinstance(channel.config, WhatsAppQrConfig):
+        raise AdminError(f"channel {channel_id} is not a WhatsApp QR channel")
+    api_key = found.api_key if isinstance(found, WhatsAppQrSecrets) else None
+    make = (
+        whatsapp_qr.WahaSender if channel.config.service == "waha" else whatsapp_qr.EvolutionSender
+    )
+    sender = make(
+        channel.config.base_url, channel.config.session, api_key, timeout=settings.qr_send_timeout_s
+    )
+    result: dict[str, Any] = {"id": str(channel_id), "service": channel.config.service}
+    try:
+        status = await sender.session_status()
+        result |= {"session": channel.config.session, "state": status.status, "raw": status.raw}
+        if status.status != "working":
+            try:
+                image, content_type = await sender.qr_code()
+            except whatsapp_qr.QrNotAvailableError as exc:
+                result["qr"] = f"not available now: {exc}"
+            else:
+                if out:
+                    target = Path(out)
+                    await asyncio.to_thread(target.write_bytes, image)
+                    result["qr_image"] = str(await asyncio.to_thread(target.resolve))
+                else:
+                    encoded = base64.b64encode(image).decode()
+                    result["qr_data_url"] = f"data:{content_type};base64,{encoded}"
+    except SendError as exc:  # the service is down, or refuses our key: say which
+        raise AdminError(f"{channel.config.service} at {channel.config.base_url}: {exc}") from None
+    finally:
+        await sender.aclose()
+    return result
 
 
 async def _update(
@@ -287,7 +337,21 @@ async def _update(
     return await update_channel(session, box, current.id, config=config, secrets=secrets_)
 
 
+def _print_pairing(row: dict[str, Any]) -> None:
+    print(f"{row['id']}  {row['service']} session {row['session']}: {row['raw']} ({row['state']})")
+    if row.get("qr_image"):
+        print(f"    scan the QR in {row['qr_image']} with WhatsApp > Linked devices")
+    elif row.get("qr_data_url"):
+        print("    scan this QR (open the data: URL in a browser) with WhatsApp > Linked devices:")
+        print(f"    {row['qr_data_url']}")
+    elif row.get("qr"):
+        print(f"    QR {row['qr']}")
+
+
 def _print_channels(result: Any) -> None:
+    if isinstance(result, dict) and "state" in result:
+        _print_pairing(result)
+        return
     rows = result if isinstance(result, list) else [result]
     for row in rows:
         state = row.get("sending", "-")
@@ -329,6 +393,9 @@ def _channels_parser(sub: Any) -> None:
     for name in ("disable", "enable"):
         op = ops.add_parser(name, help=f"{name} a channel")
         op.add_argument("channel_id")
+    pair = ops.add_parser("qr", help="a QR channel's session state and its pairing QR")
+    pair.add_argument("channel_id")
+    pair.add_argument("--out", help="write the QR image to this file (else print a data: URL)")
     for p in (cloud, qr, lst, up, *ops.choices.values()):
         if not any(a.dest == "json" for a in p._actions):
             p.add_argument("--json", action="store_true")
