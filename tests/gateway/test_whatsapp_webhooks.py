@@ -166,7 +166,47 @@ async def test_events_for_another_number_are_not_this_channels(
 ) -> None:
     r = await _post(client, cloud["channel"], _text("someone-else", "wamid.x", "hi"))
     assert r.status == 200 and (await r.json())["messages"] == 0
+    assert (await r.json())["ignored"] == 1
     assert (await rt.pipeline.incoming.get_job_counts())["waiting"] == 0
+
+
+async def test_a_sibling_number_of_the_same_app_reaches_its_own_channel(
+    client: TestClient[Any, Any], cloud: dict[str, Any], rt: Runtime
+) -> None:
+    """A Meta app has one callback URL for all its numbers: the events of a second number of
+    the same app, arriving at the first channel's URL, belong to the second channel; a number
+    of another app (another app secret) gets nothing through this URL."""
+    sibling_number, stranger_number = f"pn-{uuid.uuid4().hex[:10]}", f"pn-{uuid.uuid4().hex[:10]}"
+    other = await _tenant(rt)
+    async with rt.sessions() as s, s.begin():
+        sibling = await create_channel(
+            s,
+            rt.box,
+            chatbot_id=cloud["bot"],
+            config=WhatsAppCloudConfig(phone_number_id=sibling_number),
+            secrets=WhatsAppCloudSecrets(
+                access_token="t2", app_secret=APP_SECRET, verify_token="v"
+            ),
+        )
+        await create_channel(
+            s,
+            rt.box,
+            chatbot_id=other["bot"],
+            config=WhatsAppCloudConfig(phone_number_id=stranger_number),
+            secrets=WhatsAppCloudSecrets(access_token="t3", app_secret="other", verify_token="v"),
+        )
+    r = await _post(client, cloud["channel"], _text(sibling_number, "wamid.sib", "oi"))
+    assert r.status == 200 and (await r.json())["messages"] == 1
+    r = await _post(client, cloud["channel"], _text(stranger_number, "wamid.str", "oi"))
+    assert r.status == 200 and (await r.json())["ignored"] == 1
+    async with rt.sessions() as s:
+        contact = await get_or_create_contact(
+            s, tenant_id=cloud["tenant"], channel_id=sibling.id, external_id="4915550001"
+        )
+        conversation = await get_or_create_conversation(s, contact, chatbot_id=cloud["bot"])
+        stored = await messages_since(s, conversation.id)
+    assert [m.external_id for m in stored] == ["wamid.sib"]
+    assert (await rt.pipeline.incoming.get_job_counts())["waiting"] == 1
 
 
 async def test_statuses_move_forward_and_find_a_send_that_never_learned_its_wamid(

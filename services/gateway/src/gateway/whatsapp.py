@@ -9,6 +9,7 @@ A request whose signature does not verify is refused (401) and nothing is stored
 
 from __future__ import annotations
 
+import hmac
 import logging
 import uuid
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from chat_domain import (
     WhatsAppCloudSecrets,
     WhatsAppQrConfig,
     WhatsAppQrSecrets,
+    find_channel_by_phone_number_id,
     get_channel,
     get_channel_secrets,
 )
@@ -51,6 +53,7 @@ class WebhookChannels:
 
     def __init__(self) -> None:
         self._cache: TTLCache[uuid.UUID, _Channel | None] = TTLCache()
+        self._numbers: TTLCache[str, uuid.UUID | None] = TTLCache()
 
     async def get(self, rt: Runtime, raw_id: str, kind: str) -> _Channel:
         try:
@@ -69,6 +72,22 @@ class WebhookChannels:
         if found is None or found.view.kind != kind or not found.view.active:
             raise ApiError(404, "unknown_channel", "no such channel", "channel_id")
         return found
+
+    async def by_number(self, rt: Runtime, phone_number_id: str) -> _Channel | None:
+        """The active Cloud channel of a phone number id, if the platform has one."""
+
+        async def load() -> uuid.UUID | None:
+            async with rt.sessions() as session:
+                view = await find_channel_by_phone_number_id(session, phone_number_id)
+            return None if view is None else view.id
+
+        channel_id = await self._numbers.get(phone_number_id, load)
+        if channel_id is None:
+            return None
+        try:
+            return await self.get(rt, str(channel_id), "whatsapp_cloud")
+        except ApiError:
+            return None  # disabled, or gone meanwhile
 
 
 whatsapp_cache_key = web.AppKey("whatsapp_channels", WebhookChannels)
@@ -142,15 +161,36 @@ async def cloud_events(request: web.Request) -> web.StreamResponse:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError:
         raise ApiError(400, "invalid_json", "the body must be JSON") from None
-    number = found.view.config.phone_number_id
-    items: list[InboundMessage | StatusUpdate] = []
+    by_number: dict[str, list[InboundMessage | StatusUpdate]] = {}
     for key, item in whatsapp_cloud.parse_webhook(body):
-        if key == number:
-            items.append(item)
-        else:  # another number of the same app: not this channel's
-            log.info("channel %s: event for number %s ignored", found.view.id, key)
-    counts = await _apply(rt, found.view, items)
+        by_number.setdefault(key, []).append(item)
+    counts = {"messages": 0, "duplicates": 0, "statuses": 0, "ignored": 0}
+    for number, items in by_number.items():
+        target = await _cloud_target(request, found, number)
+        if target is None:
+            counts["ignored"] += len(items)
+            log.info("channel %s: events for number %s ignored", found.view.id, number)
+            continue
+        for name, count in (await _apply(rt, target.view, items)).items():
+            counts[name] += count
     return web.json_response({"ok": True, **counts})
+
+
+async def _cloud_target(request: web.Request, called: _Channel, number: str) -> _Channel | None:
+    """Whose events these are. Meta sends every number of an app to the app's one callback URL,
+    so a channel's URL also receives its sibling numbers' events: they go to the channel of that
+    number when it belongs to the same app (the same app secret signed them), never elsewhere."""
+    assert isinstance(called.view.config, WhatsAppCloudConfig)
+    if number == called.view.config.phone_number_id:
+        return called
+    other = await request.app[whatsapp_cache_key].by_number(request.app[runtime_key], number)
+    if other is None or not isinstance(other.secrets, WhatsAppCloudSecrets):
+        return None
+    assert isinstance(called.secrets, WhatsAppCloudSecrets)
+    same_app = hmac.compare_digest(
+        other.secrets.app_secret.encode(), called.secrets.app_secret.encode()
+    )
+    return other if same_app else None
 
 
 # -- WhatsApp QR services (WAHA, Evolution API) ----------------------------------------------------
