@@ -173,10 +173,14 @@ async def test_a_waha_session_down_pauses_sends_until_it_works_again(
         state = await gate.state(ch["channel"])
         assert state.open and state.code == "session_scan_qr"
         assert await gate.wait_ms(ch["channel"]) > 0
+        metrics = await (await client.get("/metrics")).text()
+        stopped = f'chat_channel_stopped{{channel_id="{ch["channel"]}",code="session_scan_qr"}} 1'
+        assert stopped in metrics  # what an operator alerts on
         waha.set_session_status("shop", "WORKING")
         await waha.wait_for_deliveries(2, event="session.status")
     assert not (await gate.state(ch["channel"])).open
     assert await gate.wait_ms(ch["channel"]) == 0
+    assert str(ch["channel"]) not in await (await client.get("/metrics")).text()
 
 
 async def test_evolution_needs_its_header_secret_and_follows_the_connection(

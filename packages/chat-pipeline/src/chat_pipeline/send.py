@@ -52,6 +52,7 @@ SenderFactory = Callable[[ChannelView, Any, Runtime], Sender]
 """(channel, its decrypted secrets, runtime) -> a Sender for it."""
 
 CIRCUIT_PROBE_MS = 60_000  # an open circuit lets one send through this often (half-open)
+STOPPED_KEY = "chan:stopped"  # ids of the channels whose circuit is open
 
 # GCRA, as queue-core's own limits: `max` sends per `ms` across every replica, bursts up to
 # `max`. Returns 0 (send now, counted) or the ms to wait.
@@ -138,6 +139,7 @@ class ChannelGate:
         )
         # the next send is a probe, one interval from now
         pipe.set(self._key("probe", channel_id), "1", px=CIRCUIT_PROBE_MS)
+        pipe.sadd(STOPPED_KEY, str(channel_id))
         await pipe.execute()
 
     async def park(self, channel_id: uuid.UUID, job_id: str) -> None:
@@ -159,10 +161,29 @@ class ChannelGate:
     async def close(self, channel_id: uuid.UUID) -> bool:
         """The channel may send again; True when it had been stopped. Its parked messages still
         wait for their delay: `resume` also starts them."""
-        removed = await self.redis.delete(
-            self._key("circuit", channel_id), self._key("probe", channel_id)
-        )
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.delete(self._key("circuit", channel_id), self._key("probe", channel_id))
+        pipe.srem(STOPPED_KEY, str(channel_id))
+        removed, _ = await pipe.execute()
         return bool(removed)
+
+    async def stopped(self) -> dict[str, str]:
+        """Every channel whose circuit is open, with the code that opened it (for /metrics)."""
+        ids = sorted(
+            m.decode() if isinstance(m, bytes) else str(m)
+            for m in await self.redis.smembers(STOPPED_KEY)
+        )
+        if not ids:
+            return {}
+        pipe = self.redis.pipeline(transaction=False)
+        for channel_id in ids:
+            pipe.hget(f"chan:circuit:{channel_id}", "code")
+        codes = await pipe.execute()
+        out: dict[str, str] = {}
+        for channel_id, code in zip(ids, codes, strict=True):
+            if code is not None:  # closed meanwhile
+                out[channel_id] = code.decode() if isinstance(code, bytes) else str(code)
+        return out
 
     async def resume(self, channel_id: uuid.UUID, queue: Queue) -> int:
         """Close the circuit and start the messages parked under it now; how many started.

@@ -16,12 +16,14 @@ from chat_domain import get_chatbot_by_widget_key
 from chat_pipeline import PipelineSettings, Runtime
 from chat_pipeline.processors import schedule_maintenance, start_workers
 from chat_pipeline.reconcile import Reconciler
+from chat_pipeline.send import ChannelGate
 from chat_pipeline.supervision import WorkerSet, first_of
 from gateway import whatsapp, widget
 from gateway.errors import ApiError, error_middleware
 from gateway.keys import hub_key, runtime_key
 from gateway.live_hub import LiveHub
 from queue_core import Queue
+from queue_core.metrics import escape_label_value
 
 __all__ = ["create_app", "settings_key"]
 
@@ -123,13 +125,29 @@ async def metrics(request: web.Request) -> web.Response:
     rt = request.app[runtime_key]
     p = rt.pipeline
     queues: list[Queue] = [p.incoming, p.ai, p.outgoing, p.whatsapp_cloud, p.whatsapp_qr]
-    body = await render_metrics(queues)
+    body = await render_metrics(queues) + await _channel_metrics(rt)
     return web.Response(
         text=body,
         content_type="text/plain",
         charset="utf-8",
         headers={"X-Content-Type-Options": "nosniff"},
     )
+
+
+async def _channel_metrics(rt: Runtime) -> str:
+    """Channels that stopped sending (expired token, QR session down): alert on these."""
+    stopped = await ChannelGate(rt.redis).stopped()
+    lines = [
+        "# HELP chat_channel_stopped A channel whose sends are stopped, by the stopping code.",
+        "# TYPE chat_channel_stopped gauge",
+    ]
+    for channel_id, code in stopped.items():
+        labels = f'channel_id="{channel_id}",code="{escape_label_value(code[:60])}"'
+        lines.append(f"chat_channel_stopped{{{labels}}} 1")
+    lines.append("# HELP chat_channels_stopped Channels whose sends are stopped.")
+    lines.append("# TYPE chat_channels_stopped gauge")
+    lines.append(f"chat_channels_stopped {len(stopped)}")
+    return "\n".join(lines) + "\n"
 
 
 async def render_metrics(queues: list[Queue]) -> str:
