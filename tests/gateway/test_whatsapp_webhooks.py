@@ -209,6 +209,50 @@ async def test_a_sibling_number_of_the_same_app_reaches_its_own_channel(
     assert (await rt.pipeline.incoming.get_job_counts())["waiting"] == 1
 
 
+async def test_a_photo_keeps_its_media_reference_even_in_a_large_batch(
+    client: TestClient[Any, Any], cloud: dict[str, Any], rt: Runtime
+) -> None:
+    """The bot reads a description; the message keeps what Meta sent (media id, type) so an agent
+    or a later feature can fetch it. The batch is larger than the widget's 64 KiB body limit:
+    provider webhooks have their own, larger one."""
+    body = _envelope(
+        cloud["number"],
+        {
+            "contacts": [{"profile": {"name": "Ana"}, "wa_id": "4915550001"}],
+            "messages": [
+                {
+                    "from": "4915550001",
+                    "id": "wamid.photo",
+                    "timestamp": "1732300000",
+                    "type": "image",
+                    "image": {"id": "media-77", "mime_type": "image/jpeg", "caption": "my bill"},
+                }
+            ],
+            "statuses": [
+                {"id": f"wamid.unknown{i}", "status": "read", "timestamp": "1732300010"}
+                for i in range(1500)
+            ],
+        },
+    )
+    raw = json.dumps(body).encode()
+    assert len(raw) > 64 * 1024
+    r = await _post(client, cloud["channel"], raw)
+    assert r.status == 200 and (await r.json())["messages"] == 1
+    async with rt.sessions() as s:
+        contact = await get_or_create_contact(
+            s, tenant_id=cloud["tenant"], channel_id=cloud["channel"], external_id="4915550001"
+        )
+        conversation = await get_or_create_conversation(s, contact, chatbot_id=cloud["bot"])
+        (stored,) = await messages_since(s, conversation.id)
+    assert stored.text == "[image] my bill"
+    assert stored.attachment == {
+        "kind": "media",
+        "type": "image",
+        "id": "media-77",
+        "mime_type": "image/jpeg",
+    }
+
+
 async def test_statuses_move_forward_and_find_a_send_that_never_learned_its_wamid(
     client: TestClient[Any, Any], cloud: dict[str, Any], rt: Runtime
 ) -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Literal
+from typing import Any, Literal
 
 from sqlalchemy import case, or_, select, text, update
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -85,6 +85,7 @@ class MessageView:
     status_updated_at: datetime
     reply_id: uuid.UUID | None = None  # (user messages) the reply that answered it
     requeues: int = 0
+    attachment: dict[str, Any] | None = None  # media / button / location reference
 
     @classmethod
     def of(cls, row: Message) -> MessageView:
@@ -104,6 +105,7 @@ class MessageView:
             status_updated_at=row.status_updated_at,
             reply_id=row.reply_id,
             requeues=row.requeues or 0,
+            attachment=row.attachment,
         )
 
 
@@ -267,6 +269,7 @@ async def insert_message(
     external_id: str | None = None,
     status: DeliveryStatus | None = None,
     now: datetime | None = None,
+    attachment: dict[str, Any] | None = None,
 ) -> InsertMessageResult:
     """Append a message; a second insert with the same (channel, ``external_id``) is refused by
     the database and reported as ``"duplicate"`` (no exception, no side effects).
@@ -312,6 +315,7 @@ async def insert_message(
             status_updated_at=now,
             created_at=now,
             requeues=0,
+            attachment=attachment,
         )
         .on_conflict_do_nothing(index_elements=["channel_id", "external_id"])
         .returning(Message)  # the stored row in the same statement (no SELECT after it)

@@ -72,6 +72,7 @@ async def receive_message(rt: Runtime, route: ChannelRoute, inbound: InboundMess
             text=inbound.text,
             external_id=inbound.external_message_id,
             status="received",
+            attachment={"kind": inbound.kind, **inbound.media} if inbound.media else None,
         )
         plan = await get_queue_priority(session, route.tenant_id)
     message = result.message

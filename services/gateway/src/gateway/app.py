@@ -181,9 +181,9 @@ async def demo_page(request: web.Request) -> web.Response:
 
 def create_app(settings: PipelineSettings) -> web.Application:
     app = web.Application(
-        # (a provider's webhook may batch many events; the widget bounds its own text)
+        # The widget's bound; provider webhooks read up to their own, larger one (read_body).
         middlewares=[widget.cors_middleware, error_middleware],
-        client_max_size=1024 * 1024,
+        client_max_size=64 * 1024,
     )
     app[settings_key] = settings
     app[stop_key] = asyncio.Event()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime
+from typing import Any
 
 from sqlalchemy import (
     BigInteger,
@@ -136,5 +137,8 @@ class Message(UUIDPrimaryKey, CreatedAt, Base):
     error_text: Mapped[str | None] = mapped_column(Text)
     reply_id: Mapped[uuid.UUID | None] = mapped_column(default=None)
     requeues: Mapped[int] = mapped_column(default=0, server_default="0")
+    # what a non-text message carried, as the channel described it (media id and type, the
+    # button's id, a location): a reference, never the bytes
+    attachment: Mapped[dict[str, Any] | None] = mapped_column(default=None)
 
     conversation: Mapped[Conversation] = relationship(lazy="raise")
