@@ -9,6 +9,7 @@ import asyncio
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import replace
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -273,8 +274,14 @@ async def own_rt(
 
 
 def _quick(rt: Runtime) -> Reconciler:
-    settings = replace(rt.settings, reconcile_after_ms=100, reconcile_max_requeues=2)
+    settings = replace(rt.settings, reconcile_after_ms=60_000, reconcile_max_requeues=2)
     return Reconciler(replace(rt, settings=settings))
+
+
+def _later(reconciler: Reconciler, seconds: float) -> None:
+    """Move the reconciler's clock on (a minute is its `after` here)."""
+    earlier = reconciler.clock
+    reconciler.clock = lambda: earlier() + timedelta(seconds=seconds)
 
 
 async def test_a_stored_question_whose_jobs_were_lost_is_queued_again_then_falls_back(
@@ -289,17 +296,17 @@ async def test_a_stored_question_whose_jobs_were_lost_is_queued_again_then_falls
     q = await _ask(rt, conv, "anyone?")
     reconciler = _quick(rt)
     assert (await reconciler.run_once(lock=False)).questions_requeued == 0  # not due yet
-    await asyncio.sleep(0.15)
+    _later(reconciler, 90)
     assert (await reconciler.run_once(lock=False)).questions_requeued == 1
     assert await rt.pipeline.incoming.get_state(f"in:{q.id}:1") is JobState.WAITING
     # run the requeued job: the message enters the pipeline again
     (job,) = await rt.pipeline.incoming.list_jobs(JobState.WAITING)
     assert await IncomingProcessor(rt)(job) == "queued"
     await rt.redis.flushdb()  # ...and Redis loses that job too
-    await asyncio.sleep(0.25)  # due again only after twice `after`
+    _later(reconciler, 150)  # due again only after twice `after`
     assert (await reconciler.run_once(lock=False)).questions_requeued == 1
     await rt.redis.flushdb()
-    await asyncio.sleep(0.35)
+    _later(reconciler, 210)
     result = await reconciler.run_once(lock=False)
     assert result.fallbacks == 1 and result.questions_requeued == 0
     msgs = await _transcript(rt, conv)
@@ -307,6 +314,7 @@ async def test_a_stored_question_whose_jobs_were_lost_is_queued_again_then_falls
     assert msgs[0].reply_id == msgs[1].id
     (out,) = await rt.pipeline.outgoing.list_jobs(JobState.WAITING)
     assert OutgoingMessage.model_validate(out.data).text == "FALLBACK"
+    assert await OutgoingProcessor(rt)(out) == "published"
     assert (await reconciler.run_once(lock=False)) == ReconcileResult(), "nothing owed any more"
 
 
@@ -324,22 +332,22 @@ async def test_a_stored_reply_that_was_never_handed_on_is_queued_again_then_fail
             )
         ).message
     reconciler = _quick(rt)
-    await asyncio.sleep(0.15)
+    _later(reconciler, 90)
     assert (await reconciler.run_once(lock=False)).replies_requeued == 1
     assert await rt.pipeline.outgoing.get_state(f"out:{reply.id}:1") is JobState.WAITING
     # it is handed on: nothing owed
     (job,) = await rt.pipeline.outgoing.list_jobs(JobState.WAITING)
     assert await OutgoingProcessor(rt)(job) == "published"
-    await asyncio.sleep(0.25)
+    _later(reconciler, 150)
     assert (await reconciler.run_once(lock=False)).replies_requeued == 0
     # a reply that can never be handed on is marked failed after the last requeue
     async with rt.sessions() as s, s.begin():
         stuck = (
             await insert_message(s, conversation_id=conv, role="assistant", text="stuck")
         ).message
-    for wait in (0.15, 0.25, 0.35):
+    for seconds in (90, 150, 210):
         await rt.redis.flushdb()
-        await asyncio.sleep(wait)
+        _later(reconciler, seconds)
         await reconciler.run_once(lock=False)
     async with rt.sessions() as s:
         final = await get_message(s, stuck.id)

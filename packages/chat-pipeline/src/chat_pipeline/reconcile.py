@@ -20,8 +20,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from chat_domain import (
     AlreadyAnsweredError,
@@ -66,6 +67,7 @@ class Reconciler:
         self.max_requeues = s.reconcile_max_requeues
         self.lookback = timedelta(hours=s.reconcile_lookback_h)
         self.last_run_at = 0.0
+        self.clock: Callable[[], datetime] = utcnow  # (tests move time instead of sleeping)
 
     async def run(self) -> None:
         """Reconcile every interval until cancelled; no error ends the loop."""
@@ -86,7 +88,7 @@ class Reconciler:
         ):
             return ReconcileResult(skipped=True)
         self.last_run_at = asyncio.get_running_loop().time()
-        now = utcnow()
+        now = self.clock()
         since = now - self.lookback
         async with self.rt.sessions() as session:
             questions = await owed_questions(session, older_than=now - self.after, since=since)
@@ -126,7 +128,7 @@ class Reconciler:
     def _due(self, owed: OwedMessage) -> bool:
         # each requeue waits one more `after` before the next: a slow but working pipeline
         # (model retries) is not flooded with duplicate jobs
-        age = utcnow() - owed.message.created_at
+        age = self.clock() - owed.message.created_at
         return age >= self.after * (owed.message.requeues + 1)
 
     async def _plan(
