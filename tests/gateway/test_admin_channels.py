@@ -189,3 +189,25 @@ async def test_the_pairing_qr_is_fetched_from_the_qr_service(
         assert shown["qr_data_url"].startswith("data:image/png;base64,")
     gone = await run("channels", "qr", added["id"])  # the service is down
     assert gone.returncode == 1 and "evolution" in gone.stderr
+
+
+def test_bootstrap_twice_on_one_plan_and_bad_input_in_one_line(
+    gateway_db: str, gateway_redis: RedisServer, secret_key: str, tmp_path: Any
+) -> None:
+    """A second tenant on an existing plan is set up (it crashed with a 100-line IntegrityError);
+    what cannot be done is one line on stderr and exit status 1, never a traceback."""
+    run = lambda *a: _admin(gateway_db, gateway_redis.url, secret_key, *a)  # noqa: E731
+    plan = f"Team-{uuid.uuid4().hex[:6]}"
+    first = _json(run("bootstrap", "--tenant", "A", "--bot", "A", "--plan-name", plan, "--json"))
+    second = _json(run("bootstrap", "--tenant", "B", "--bot", "B", "--plan-name", plan, "--json"))
+    assert first["plan_id"] == second["plan_id"] and first["tenant_id"] != second["tenant_id"]
+    assert second["admin_api_key"].startswith("cbk_")
+    for args in (
+        ("bootstrap", "--tenant", "C", "--bot", "C", "--kb", str(tmp_path / "missing.md")),
+        ("channels", "update", "not-an-id"),
+        ("channels", "enable", str(uuid.uuid4())),
+    ):
+        done = run(*args)
+        assert done.returncode == 1, (args, done.stderr)
+        assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr, done.stderr
+        assert done.stderr.startswith("gateway-admin: ")

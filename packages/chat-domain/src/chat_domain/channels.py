@@ -205,6 +205,13 @@ async def get_chatbot(session: AsyncSession, chatbot_id: uuid.UUID) -> ChatbotVi
     return None if row is None else ChatbotView.of(row)
 
 
+async def list_chatbots(session: AsyncSession, tenant_id: uuid.UUID) -> list[ChatbotView]:
+    rows = await session.scalars(
+        select(Chatbot).where(Chatbot.tenant_id == tenant_id).order_by(Chatbot.created_at)
+    )
+    return [ChatbotView.of(row) for row in rows]
+
+
 async def get_chatbot_by_widget_key(
     session: AsyncSession, widget_public_key: str
 ) -> ChatbotView | None:

@@ -503,3 +503,75 @@ async def recent_messages(
         .execution_options(populate_existing=True)
     )
     return [MessageView.of(row) for row in reversed(list(rows))]
+
+
+# --- the agent inbox's listing ------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ConversationSummary:
+    conversation: ConversationView
+    contact_external_id: str
+    contact_name: str | None
+
+
+async def list_conversations(
+    session: AsyncSession,
+    *,
+    tenant_id: uuid.UUID,
+    statuses: tuple[ConversationStatus, ...] = (),
+    channel_id: uuid.UUID | None = None,
+    chatbot_id: uuid.UUID | None = None,
+    contains: str | None = None,
+    before: tuple[datetime, uuid.UUID] | None = None,
+    since: datetime | None = None,
+    limit: int = 50,
+) -> list[ConversationSummary]:
+    """A tenant's conversations, most recently active first. ``before`` is the (last_activity_at,
+    id) of the last row of the previous page: a keyset cursor, stable while rows are added.
+    ``contains`` matches the contact's id or name, or any message's text (case-insensitive)."""
+    stmt = (
+        select(Conversation, Contact.external_id, Contact.display_name)
+        .join(Contact, Contact.id == Conversation.contact_id)
+        .where(Conversation.tenant_id == tenant_id)
+        .order_by(Conversation.last_activity_at.desc(), Conversation.id.desc())
+        .limit(limit)
+    )
+    if statuses:
+        stmt = stmt.where(Conversation.status.in_(statuses))
+    if channel_id is not None:
+        stmt = stmt.where(Conversation.channel_id == channel_id)
+    if chatbot_id is not None:
+        stmt = stmt.where(Conversation.chatbot_id == chatbot_id)
+    if since is not None:
+        stmt = stmt.where(Conversation.last_activity_at >= since)
+    if before is not None:
+        at, last_id = before
+        stmt = stmt.where(
+            or_(
+                Conversation.last_activity_at < at,
+                (Conversation.last_activity_at == at) & (Conversation.id < last_id),
+            )
+        )
+    if contains:
+        pattern = "%" + contains.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+        in_messages = (
+            select(Message.id)
+            .where(
+                Message.conversation_id == Conversation.id,
+                Message.text.ilike(pattern, escape="\\"),
+            )
+            .exists()
+        )
+        stmt = stmt.where(
+            or_(
+                Contact.external_id.ilike(pattern, escape="\\"),
+                Contact.display_name.ilike(pattern, escape="\\"),
+                in_messages,
+            )
+        )
+    rows = await session.execute(stmt)
+    return [
+        ConversationSummary(ConversationView.of(c), external_id, name)
+        for c, external_id, name in rows
+    ]

@@ -8,7 +8,7 @@ import uuid
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import Float, Integer, String, Uuid, column, delete, select, text
+from sqlalchemy import Float, Integer, String, Uuid, column, delete, func, select, text
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from chat_domain.errors import NotFoundError
@@ -125,6 +125,38 @@ async def ingest_document(
         chunk_count=len(chunks),
         created_at=document.created_at,
     )
+
+
+async def list_documents(session: AsyncSession, chatbot_id: uuid.UUID) -> list[DocumentView]:
+    chunks = (
+        select(KbChunk.document_id, func.count().label("n"))
+        .where(KbChunk.chatbot_id == chatbot_id)
+        .group_by(KbChunk.document_id)
+        .subquery()
+    )
+    rows = await session.execute(
+        select(KbDocument, func.coalesce(chunks.c.n, 0))
+        .outerjoin(chunks, chunks.c.document_id == KbDocument.id)
+        .where(KbDocument.chatbot_id == chatbot_id)
+        .order_by(KbDocument.created_at, KbDocument.id)
+    )
+    return [
+        DocumentView(
+            id=d.id,
+            tenant_id=d.tenant_id,
+            chatbot_id=d.chatbot_id,
+            title=d.title,
+            source=d.source,
+            chunk_count=n,
+            created_at=d.created_at,
+        )
+        for d, n in rows
+    ]
+
+
+async def get_document_owner(session: AsyncSession, document_id: uuid.UUID) -> uuid.UUID | None:
+    """The tenant a document belongs to, or None when it does not exist."""
+    return await session.scalar(select(KbDocument.tenant_id).where(KbDocument.id == document_id))
 
 
 async def delete_document(session: AsyncSession, document_id: uuid.UUID) -> bool:

@@ -84,6 +84,26 @@ async def get_plan(session: AsyncSession, plan_id: uuid.UUID) -> PlanView | None
     return None if row is None else PlanView.of(row)
 
 
+async def get_plan_by_name(session: AsyncSession, name: str) -> PlanView | None:
+    row = await session.scalar(select(Plan).where(Plan.name == name))
+    return None if row is None else PlanView.of(row)
+
+
+async def list_plans(session: AsyncSession) -> list[PlanView]:
+    rows = await session.scalars(select(Plan).order_by(Plan.monthly_price_cents, Plan.name))
+    return [PlanView.of(row) for row in rows]
+
+
+async def list_tenants(
+    session: AsyncSession, *, after: uuid.UUID | None = None, limit: int = 100
+) -> list[TenantView]:
+    """Tenants in id order; ``after`` is the last id of the previous page."""
+    stmt = select(Tenant).order_by(Tenant.id).limit(limit)
+    if after is not None:
+        stmt = stmt.where(Tenant.id > after)
+    return [TenantView.of(row) for row in await session.scalars(stmt)]
+
+
 async def create_tenant(
     session: AsyncSession, *, name: str, plan_id: uuid.UUID, retention_days: int = 90
 ) -> TenantView:

@@ -22,9 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
 import json
-import secrets
 import sys
 import uuid
 from importlib import resources
@@ -33,17 +31,11 @@ from typing import Any
 
 from pydantic import ValidationError
 from redis.exceptions import RedisError
-from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+from sqlalchemy.exc import SQLAlchemyError
 
 from chat_domain import (
-    ChannelView,
     ConfigError,
-    NotFoundError,
     SecretBox,
-    WhatsAppCloudConfig,
-    WhatsAppCloudSecrets,
-    WhatsAppQrConfig,
-    WhatsAppQrSecrets,
     WidgetConfig,
     create_api_key,
     create_channel,
@@ -52,18 +44,12 @@ from chat_domain import (
     create_plan,
     create_session_factory,
     create_tenant,
-    get_channel,
-    get_channel_secrets,
+    get_plan_by_name,
     ingest_document,
-    list_channels,
-    set_channel_active,
-    update_channel,
 )
 from chat_pipeline import PipelineSettings
-from chat_pipeline.channels import whatsapp_qr
-from chat_pipeline.channels.base import SendError
-from chat_pipeline.queues import Pipeline
-from chat_pipeline.send import ChannelGate, CircuitState
+from chat_pipeline.send import ChannelGate
+from gateway.channel_ops import AdminError, ChannelOps, CloudUpdate, QrUpdate
 from queue_core import connect
 
 DEFAULT_PROMPT = (
@@ -84,7 +70,10 @@ def _documents(args: argparse.Namespace) -> list[tuple[str, str]]:
         path = Path(raw)
         files = sorted(path.glob("*.md")) + sorted(path.glob("*.txt")) if path.is_dir() else [path]
         for file in files:
-            docs.append((file.stem, file.read_text(encoding="utf-8")))
+            try:
+                docs.append((file.stem, file.read_text(encoding="utf-8")))
+            except (OSError, UnicodeDecodeError) as exc:
+                raise AdminError(f"--kb {file}: cannot read it ({type(exc).__name__})") from None
     return docs
 
 
@@ -94,7 +83,8 @@ async def bootstrap(args: argparse.Namespace, settings: PipelineSettings) -> dic
     box = SecretBox(settings.db.resolve_secret_key())
     try:
         async with sessions() as session, session.begin():
-            plan = await create_plan(
+            # a second tenant on the same plan is the common case, not an error
+            plan = await get_plan_by_name(session, args.plan_name) or await create_plan(
                 session,
                 name=args.plan_name,
                 monthly_price_cents=args.plan_price_cents,
@@ -139,19 +129,6 @@ async def bootstrap(args: argparse.Namespace, settings: PipelineSettings) -> dic
 # -- channels ---------------------------------------------------------------------------------
 
 
-class AdminError(Exception):
-    """A refusal the operator can act on: printed as one line, exit status 1."""
-
-
-def callback_url(base_url: str, channel: ChannelView) -> str | None:
-    """Where the provider sends this channel's webhooks."""
-    if channel.kind == "whatsapp_cloud":
-        return f"{base_url}/v1/channels/{channel.id}/whatsapp-cloud"
-    if channel.kind == "whatsapp_qr":
-        return f"{base_url}/v1/channels/{channel.id}/whatsapp-qr"
-    return None
-
-
 def _uuid(raw: str, what: str) -> uuid.UUID:
     try:
         return uuid.UUID(raw)
@@ -159,182 +136,64 @@ def _uuid(raw: str, what: str) -> uuid.UUID:
         raise AdminError(f"{what} must be an id (a UUID), got {raw!r}") from None
 
 
-def _describe(channel: ChannelView, base_url: str, circuit: CircuitState | None) -> dict[str, Any]:
-    out: dict[str, Any] = {
-        "id": str(channel.id),
-        "kind": channel.kind,
-        "chatbot_id": str(channel.chatbot_id),
-        "tenant_id": str(channel.tenant_id),
-        "active": channel.active,
-        "config": channel.config.model_dump(mode="json"),
-        "callback_url": callback_url(base_url, channel),
-    }
-    if circuit is not None:
-        out["sending"] = "stopped" if circuit.open else "ok"
-        if circuit.open:
-            out["stopped_because"] = {"code": circuit.code, "reason": circuit.reason}
-    return out
-
-
 async def channels_command(args: argparse.Namespace, settings: PipelineSettings) -> Any:
     engine = create_engine(settings.db)
-    sessions = create_session_factory(engine)
-    box = SecretBox(settings.db.resolve_secret_key())
     redis = connect(settings.redis_url)
-    gate = ChannelGate(redis)
+    ops = ChannelOps(
+        create_session_factory(engine),
+        SecretBox(settings.db.resolve_secret_key()),
+        ChannelGate(redis),
+        settings.base_url,
+    )
     try:
-        return await _channels(args, settings, sessions, box, gate)
-    except IntegrityError:
-        raise AdminError("that phone number id or session is already routed to a channel") from None
-    except NotFoundError as exc:
-        raise AdminError(str(exc)) from None
+        return await _channels(args, settings, ops)
     finally:
         await redis.aclose()
         await engine.dispose()
 
 
-async def _circuit(gate: ChannelGate, channel: ChannelView) -> CircuitState | None:
-    if channel.kind == "widget":
-        return None
-    try:
-        return await gate.state(channel.id)
-    except RedisError:
-        return None  # Redis unreachable: the listing still works
-
-
-async def _channels(
-    args: argparse.Namespace,
-    settings: PipelineSettings,
-    sessions: Any,
-    box: SecretBox,
-    gate: ChannelGate,
-) -> Any:
-    base = settings.base_url
+async def _channels(args: argparse.Namespace, settings: PipelineSettings, ops: ChannelOps) -> Any:
     op = args.channels_command
     if op == "list":
-        async with sessions() as session:
-            channels = await list_channels(
-                session,
-                tenant_id=_uuid(args.tenant, "--tenant") if args.tenant else None,
-                chatbot_id=_uuid(args.chatbot, "--chatbot") if args.chatbot else None,
-            )
-        return [_describe(c, base, await _circuit(gate, c)) for c in channels]
-    if op in ("add-cloud", "add-qr"):
-        chatbot_id = _uuid(args.chatbot, "--chatbot")
-        shown: dict[str, str] = {}
-        config: WhatsAppCloudConfig | WhatsAppQrConfig
-        secrets_: WhatsAppCloudSecrets | WhatsAppQrSecrets
-        if op == "add-cloud":
-            verify = args.verify_token or secrets.token_urlsafe(24)
-            config = WhatsAppCloudConfig(phone_number_id=args.phone_number_id)
-            secrets_ = WhatsAppCloudSecrets(
-                access_token=args.access_token, app_secret=args.app_secret, verify_token=verify
-            )
-            shown["verify_token"] = verify
-        else:
-            webhook_secret = secrets.token_urlsafe(24)
-            config = WhatsAppQrConfig(
-                service=args.service, base_url=args.base_url.rstrip("/"), session=args.session
-            )
-            secrets_ = WhatsAppQrSecrets(api_key=args.api_key, webhook_secret=webhook_secret)
-            shown["webhook_secret"] = webhook_secret
-        async with sessions() as session, session.begin():
-            channel = await create_channel(
-                session, box, chatbot_id=chatbot_id, config=config, secrets=secrets_
-            )
-        # shown once: the provider needs it; it is stored encrypted and never printed again
-        return {**_describe(channel, base, None), **shown}
+        return await ops.list(
+            tenant_id=_uuid(args.tenant, "--tenant") if args.tenant else None,
+            chatbot_id=_uuid(args.chatbot, "--chatbot") if args.chatbot else None,
+        )
+    if op == "add-cloud":
+        return await ops.add_cloud(
+            _uuid(args.chatbot, "--chatbot"),
+            phone_number_id=args.phone_number_id,
+            access_token=args.access_token,
+            app_secret=args.app_secret,
+            verify_token=args.verify_token,
+        )
+    if op == "add-qr":
+        return await ops.add_qr(
+            _uuid(args.chatbot, "--chatbot"),
+            service=args.service,
+            base_url=args.base_url,
+            session=args.session,
+            api_key=args.api_key,
+        )
     channel_id = _uuid(args.channel_id, "the channel id")
     if op == "qr":
-        return await _pairing(sessions, box, settings, channel_id, args.out)
-    async with sessions() as session, session.begin():
-        current = await get_channel(session, channel_id)
-        if current is None:
-            raise AdminError(f"channel {channel_id} does not exist")
-        if op in ("disable", "enable"):
-            await set_channel_active(session, channel_id, op == "enable")
-            updated = await get_channel(session, channel_id)
-        else:
-            updated = await _update(session, box, current, args)
-    assert updated is not None
-    queue = Pipeline.open(gate.redis).channel_queue(updated.kind)
-    if op in ("update", "enable") and queue is not None:
-        await gate.resume(channel_id, queue)  # new settings: waiting sends go at once
-    return _describe(updated, base, await _circuit(gate, updated))
-
-
-async def _pairing(
-    sessions: Any,
-    box: SecretBox,
-    settings: PipelineSettings,
-    channel_id: uuid.UUID,
-    out: str | None,
-) -> dict[str, Any]:
-    """A QR channel's session state and, while it waits for a scan, its pairing QR, asked of the
-    service itself (WAHA/Evolution hold it; we never store it: it changes every ~20 s)."""
-    async with sessions() as session:
-        channel = await get_channel(session, channel_id)
-        found = None if channel is None else await get_channel_secrets(session, box, channel_id)
-    if channel is None or not isinstance(channel.config, WhatsAppQrConfig):
-        raise AdminError(f"channel {channel_id} is not a WhatsApp QR channel")
-    api_key = found.api_key if isinstance(found, WhatsAppQrSecrets) else None
-    make = (
-        whatsapp_qr.WahaSender if channel.config.service == "waha" else whatsapp_qr.EvolutionSender
-    )
-    sender = make(
-        channel.config.base_url, channel.config.session, api_key, timeout=settings.qr_send_timeout_s
-    )
-    result: dict[str, Any] = {"id": str(channel_id), "service": channel.config.service}
-    try:
-        status = await sender.session_status()
-        result |= {"session": channel.config.session, "state": status.status, "raw": status.raw}
-        if status.status != "working":
-            try:
-                image, content_type = await sender.qr_code()
-            except whatsapp_qr.QrNotAvailableError as exc:
-                result["qr"] = f"not available now: {exc}"
-            else:
-                if out:
-                    target = Path(out)
-                    await asyncio.to_thread(target.write_bytes, image)
-                    result["qr_image"] = str(await asyncio.to_thread(target.resolve))
-                else:
-                    encoded = base64.b64encode(image).decode()
-                    result["qr_data_url"] = f"data:{content_type};base64,{encoded}"
-    except SendError as exc:  # the service is down, or refuses our key: say which
-        raise AdminError(f"{channel.config.service} at {channel.config.base_url}: {exc}") from None
-    finally:
-        await sender.aclose()
-    return result
-
-
-async def _update(
-    session: Any, box: SecretBox, current: ChannelView, args: argparse.Namespace
-) -> ChannelView:
-    old = await get_channel_secrets(session, box, current.id)
-    config: WhatsAppCloudConfig | WhatsAppQrConfig
-    secrets_: WhatsAppCloudSecrets | WhatsAppQrSecrets
-    if isinstance(current.config, WhatsAppCloudConfig) and isinstance(old, WhatsAppCloudSecrets):
-        config = current.config.model_copy(
-            update={"phone_number_id": args.phone_number_id or current.config.phone_number_id}
-        )
-        secrets_ = old.model_copy(
-            update={
-                "access_token": args.access_token or old.access_token,
-                "app_secret": args.app_secret or old.app_secret,
-            }
-        )
-    elif isinstance(current.config, WhatsAppQrConfig) and isinstance(old, WhatsAppQrSecrets):
-        config = current.config.model_copy(
-            update={
-                "base_url": (args.base_url or current.config.base_url).rstrip("/"),
-                "session": args.session or current.config.session,
-            }
-        )
-        secrets_ = old.model_copy(update={"api_key": args.api_key or old.api_key})
+        info = await ops.pairing(channel_id, timeout=settings.qr_send_timeout_s)
+        result = info.as_json()
+        if args.out and info.image is not None:
+            target = Path(args.out)
+            await asyncio.to_thread(target.write_bytes, info.image)
+            result.pop("qr_data_url", None)
+            result["qr_image"] = str(await asyncio.to_thread(target.resolve))
+        return result
+    if op in ("disable", "enable"):
+        return await ops.set_active(channel_id, op == "enable")
+    current = await ops.get(channel_id)
+    change: CloudUpdate | QrUpdate
+    if current.kind == "whatsapp_cloud":
+        change = CloudUpdate(args.phone_number_id, args.access_token, args.app_secret)
     else:
-        raise AdminError(f"a {current.kind} channel has nothing to update here")
-    return await update_channel(session, box, current.id, config=config, secrets=secrets_)
+        change = QrUpdate(args.base_url, args.session, args.api_key)
+    return await ops.update(channel_id, change)
 
 
 def _print_pairing(row: dict[str, Any]) -> None:
@@ -429,25 +288,23 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"gateway-admin: configuration error: {exc}", file=sys.stderr)
         return 2
-    if args.command == "channels":
-        try:
-            channels = asyncio.run(channels_command(args, settings))
-        except (AdminError, ValidationError, ValueError) as exc:
-            print(f"gateway-admin: {_one_line(exc)}", file=sys.stderr)
-            return 1
-        except (RedisError, SQLAlchemyError, OSError) as exc:
-            print(f"gateway-admin: cannot reach the database or Redis ({type(exc).__name__})",
-                  file=sys.stderr)  # fmt: skip
-            return 1
-        if args.json:
-            print(json.dumps(channels))
-        else:
-            _print_channels(channels)
-        return 0
-    args.model = args.model or settings.llm_model
-    result = asyncio.run(bootstrap(args, settings))
+    if args.command == "bootstrap":
+        args.model = args.model or settings.llm_model
+    run = channels_command if args.command == "channels" else bootstrap
+    try:
+        result = asyncio.run(run(args, settings))
+    except (AdminError, ValidationError, ValueError) as exc:
+        print(f"gateway-admin: {_one_line(exc)}", file=sys.stderr)
+        return 1
+    except (RedisError, SQLAlchemyError, OSError) as exc:
+        # (the driver's message may quote input; the type says enough to act on)
+        print(f"gateway-admin: cannot reach the database or Redis, or it refused the change "
+              f"({type(exc).__name__})", file=sys.stderr)  # fmt: skip
+        return 1
     if args.json:
         print(json.dumps(result))
+    elif args.command == "channels":
+        _print_channels(result)
     else:
         print(
             f"tenant   {result['tenant_id']}\nchatbot  {result['chatbot_id']}\n"
