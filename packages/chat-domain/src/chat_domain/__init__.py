@@ -38,6 +38,7 @@ from chat_domain.channels import (
     list_channels,
     list_chatbots,
     set_channel_active,
+    set_chatbot_secrets,
     update_channel,
     update_chatbot,
 )
@@ -239,6 +240,7 @@ __all__ = [
     "revoke_api_key",
     "search_chunks",
     "set_channel_active",
+    "set_chatbot_secrets",
     "set_conversation_status",
     "set_message_external_id",
     "set_retention_days",

@@ -269,6 +269,32 @@ async def update_chatbot(
     return ChatbotView.of(row)
 
 
+_KEEP: Any = object()
+
+
+async def set_chatbot_secrets(
+    session: AsyncSession,
+    box: SecretBox,
+    chatbot_id: uuid.UUID,
+    *,
+    provider_api_key: str | None = _KEEP,
+    identity_secret: str | None = _KEEP,
+) -> ChatbotView:
+    """Replace (a string) or remove (None) the chatbot's provider key or identity secret; an
+    argument left out is kept."""
+    row = await session.get(Chatbot, chatbot_id)
+    if row is None:
+        raise NotFoundError(f"chatbot {chatbot_id} does not exist")
+    if provider_api_key is not _KEEP:
+        row.provider_api_key_enc = (
+            None if provider_api_key is None else box.encrypt(provider_api_key)
+        )
+    if identity_secret is not _KEEP:
+        row.identity_secret_enc = None if identity_secret is None else box.encrypt(identity_secret)
+    await session.flush()
+    return ChatbotView.of(row)
+
+
 # --- channels -----------------------------------------------------------------------------------
 
 

@@ -111,6 +111,9 @@ class PipelineSettings:
     host: str = "127.0.0.1"
     port: int = 8080
     public_url: str = ""
+    # the landing page's pointers to the demo `make run` made (empty: no demo links)
+    demo_public_key: str = ""
+    demo_state_file: str = ""
     gateway_role: str = "all"
     # request limits: (count, window ms); see docs/configuration.md for why these defaults
     visitor_rate: tuple[int, int] = (30, 60_000)
@@ -179,6 +182,8 @@ class PipelineSettings:
             host=env.get("GATEWAY_HOST") or "127.0.0.1",
             port=_int(env, "GATEWAY_PORT", 8080, 0),
             public_url=(env.get("GATEWAY_PUBLIC_URL") or "").rstrip("/"),
+            demo_public_key=env.get("DEMO_PUBLIC_KEY", ""),
+            demo_state_file=env.get("DEMO_STATE_FILE", ""),
             gateway_role=role,
             visitor_rate=_per_minute(env, "WIDGET_VISITOR_RATE", 30),
             ip_rate=_per_minute(env, "WIDGET_IP_RATE", 120),

@@ -158,5 +158,17 @@ class Pipeline:
                 remove_on_fail=100,
             )
 
+    def by_name(self, name: str) -> Queue | None:
+        """One of the platform's queues by name (the operator's raw-job door), else None."""
+        for queue in (
+            self.incoming, self.ai, self.outgoing, self.whatsapp_cloud, self.whatsapp_qr,
+            self.maintenance,
+        ):  # fmt: skip
+            if queue.name == name:
+                return queue
+        if name == WEBHOOKS:
+            return Queue(WEBHOOKS, self.incoming.redis, default_options=_KEEP)
+        return None
+
     def channel_queue(self, kind: str) -> Queue | None:
         return {"whatsapp_cloud": self.whatsapp_cloud, "whatsapp_qr": self.whatsapp_qr}.get(kind)

@@ -119,6 +119,9 @@ class Platform:
                 "PYTHONUNBUFFERED": "1",
             }
         )
+        if self.demo.get("public_key"):  # the landing page links to it
+            env["DEMO_PUBLIC_KEY"] = self.demo["public_key"]
+            env["DEMO_STATE_FILE"] = str(self.data_dir / "demo.json")
         env.update(self.extra_env)
         return env
 

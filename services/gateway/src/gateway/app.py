@@ -18,7 +18,7 @@ from chat_pipeline.processors import schedule_maintenance, start_workers
 from chat_pipeline.reconcile import Reconciler
 from chat_pipeline.send import ChannelGate
 from chat_pipeline.supervision import WorkerSet, first_of
-from gateway import whatsapp, widget
+from gateway import admin_api, whatsapp, widget
 from gateway.errors import ApiError, error_middleware
 from gateway.keys import hub_key, runtime_key
 from gateway.live_hub import LiveHub
@@ -179,6 +179,44 @@ async def demo_page(request: web.Request) -> web.Response:
     return web.Response(text=page, content_type="text/html")
 
 
+async def landing_page(request: web.Request) -> web.Response:
+    """The front door: what runs here and where to go next (no data, no keys)."""
+    settings = request.app[settings_key]
+    base = html.escape(settings.base_url)
+    demo = ""
+    if settings.demo_public_key:
+        href = html.escape(f"/demo/{settings.demo_public_key}")
+        demo = f'<li><a href="{href}">Demo chat</a>: talk to the demo chatbot</li>'
+    hint = (
+        "Keys are made with <code>gateway-admin bootstrap</code> "
+        "or <code>POST /api/v1/api-keys</code>."
+    )
+    if settings.demo_state_file:
+        where = html.escape(settings.demo_state_file)
+        hint = (
+            f"<code>make run</code> wrote the demo tenant's admin key to <code>{where}</code> "
+            "(<code>admin_api_key</code>)."
+        )
+    page = (_STATIC / "index.html").read_text(encoding="utf-8")
+    page = page.replace("{{BASE_URL}}", base).replace("{{DEMO_ITEM}}", demo)
+    page = page.replace("{{KEY_HINT}}", hint)
+    return web.Response(text=page, content_type="text/html")
+
+
+async def api_index(request: web.Request) -> web.Response:
+    """The admin API's routes with the least role each needs: a reference to read and to test."""
+    return web.json_response(
+        {
+            "routes": [
+                {"method": r.method, "path": r.path, "role": r.role, "summary": r.summary}
+                for r in admin_api.ROUTES
+            ],
+            "auth": "Authorization: Bearer <API key>; an operator key names its tenant in "
+            "X-Tenant-Id",
+        }
+    )
+
+
 def create_app(settings: PipelineSettings) -> web.Application:
     app = web.Application(
         # The widget's bound; provider webhooks read up to their own, larger one (read_body).
@@ -202,8 +240,11 @@ def create_app(settings: PipelineSettings) -> web.Application:
             web.get("/metrics", metrics),
             web.get("/widget.js", widget_js),
             web.get("/demo/{public_key}", demo_page),
+            web.get("/", landing_page),
+            web.get(admin_api.PREFIX, api_index),
         ]
     )
+    app.add_routes(admin_api.routes())
     return app
 
 
