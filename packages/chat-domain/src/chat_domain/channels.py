@@ -18,7 +18,12 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from chat_domain.crypto import SecretBox
 from chat_domain.errors import NotFoundError
 from chat_domain.models import Channel, Chatbot
-from chat_domain.models.bots import DEFAULT_FALLBACK_REPLY, DEFAULT_LIMIT_REPLY
+from chat_domain.models.bots import (
+    DEFAULT_FALLBACK_REPLY,
+    DEFAULT_HANDOFF_PHRASES,
+    DEFAULT_HANDOFF_REPLY,
+    DEFAULT_LIMIT_REPLY,
+)
 from chat_domain.types import ChannelKind, QrService
 
 # --- channel configuration (stored in clear) and secrets (stored encrypted) -------------------
@@ -96,6 +101,8 @@ class ChatbotView:
     has_provider_api_key: bool
     has_identity_secret: bool
     created_at: datetime
+    handoff_phrases: tuple[str, ...] = DEFAULT_HANDOFF_PHRASES
+    handoff_reply: str = DEFAULT_HANDOFF_REPLY
 
     @classmethod
     def of(cls, row: Chatbot) -> ChatbotView:
@@ -116,6 +123,10 @@ class ChatbotView:
             has_provider_api_key=row.provider_api_key_enc is not None,
             has_identity_secret=row.identity_secret_enc is not None,
             created_at=row.created_at,
+            handoff_phrases=DEFAULT_HANDOFF_PHRASES
+            if row.handoff_phrases is None
+            else tuple(row.handoff_phrases),
+            handoff_reply=row.handoff_reply or DEFAULT_HANDOFF_REPLY,
         )
 
 
@@ -178,6 +189,8 @@ async def create_chatbot(
     kb_enabled: bool = False,
     allowed_origins: Sequence[str] = (),
     identity_secret: str | None = None,
+    handoff_phrases: Sequence[str] | None = None,
+    handoff_reply: str | None = None,
 ) -> ChatbotView:
     row = Chatbot(
         tenant_id=tenant_id,
@@ -194,6 +207,8 @@ async def create_chatbot(
         widget_public_key=new_widget_public_key(),
         allowed_origins=list(allowed_origins),
         identity_secret_enc=None if identity_secret is None else box.encrypt(identity_secret),
+        handoff_phrases=None if handoff_phrases is None else list(handoff_phrases),
+        handoff_reply=handoff_reply,
     )
     session.add(row)
     await session.flush()
@@ -244,7 +259,8 @@ async def update_chatbot(
     session: AsyncSession, chatbot_id: uuid.UUID, **changes: Any
 ) -> ChatbotView:
     """Change non-secret settings (name, system_prompt, model, provider_base_url, temperature,
-    max_tokens, fallback_reply, limit_reply, kb_enabled, allowed_origins)."""
+    max_tokens, fallback_reply, limit_reply, kb_enabled, allowed_origins, handoff_phrases,
+    handoff_reply)."""
     allowed = {
         "name",
         "system_prompt",
@@ -256,6 +272,8 @@ async def update_chatbot(
         "limit_reply",
         "kb_enabled",
         "allowed_origins",
+        "handoff_phrases",
+        "handoff_reply",
     }
     unknown = set(changes) - allowed
     if unknown:
@@ -264,7 +282,8 @@ async def update_chatbot(
     if row is None:
         raise NotFoundError(f"chatbot {chatbot_id} does not exist")
     for key, value in changes.items():
-        setattr(row, key, list(value) if key == "allowed_origins" else value)
+        listed = key in ("allowed_origins", "handoff_phrases") and value is not None
+        setattr(row, key, list(value) if listed else value)
     await session.flush()
     return ChatbotView.of(row)
 

@@ -73,6 +73,8 @@ class PipelineSettings:
     kb_passages: int = 4
     # AI
     ai_attempts: int = 3
+    # this many fallback replies in a row hand the conversation to a person (0: never)
+    handoff_after_failures: int = 2
     ai_backoff_ms: int = 1000
     ai_timeout_ms: int = 60_000
     ai_lock_ms: int = 30_000
@@ -152,6 +154,7 @@ class PipelineSettings:
             prompt_token_budget=_int(env, "AI_PROMPT_TOKEN_BUDGET", 3000, 100),
             kb_passages=_int(env, "AI_KB_PASSAGES", 4),
             ai_attempts=_int(env, "AI_ATTEMPTS", 3, 1),
+            handoff_after_failures=_int(env, "HANDOFF_AFTER_FAILURES", 2, 0),
             ai_backoff_ms=_int(env, "AI_BACKOFF_MS", 1000),
             ai_timeout_ms=_int(env, "AI_JOB_TIMEOUT_MS", 60_000, 1000),
             ai_lock_ms=_int(env, "AI_LOCK_MS", 30_000, 500),

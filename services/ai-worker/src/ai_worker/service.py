@@ -40,6 +40,7 @@ from chat_domain import (
     history_for_prompt,
     recent_messages,
     search_chunks,
+    set_conversation_status,
     store_reply,
     unanswered_messages,
 )
@@ -48,6 +49,7 @@ from chat_domain.types import ChannelKind
 from chat_pipeline import PipelineSettings, Runtime
 from chat_pipeline.cache import TTLCache
 from chat_pipeline.consumer import pipeline_worker, serve_workers
+from chat_pipeline.handoff import asks_for_a_person, failed_in_a_row
 from chat_pipeline.live import publish, status_frame, typing_frame, visitor_channel
 from chat_pipeline.reconcile import answer_with_fallback
 from queue_core import DelayJob, Job
@@ -112,6 +114,8 @@ class AnswerProcessor:
         ctx = await self._context(req, reply_key)
         if isinstance(ctx, str):
             return ctx
+        if any(asks_for_a_person(m.text, ctx.chatbot.handoff_phrases) for m in ctx.pending):
+            return await self._store_and_send(req, ctx, reply_key, None, None, handoff=True)
         channel = None  # widget visitors see a typing indicator while the answer is made
         if ctx.channel_kind == "widget":
             channel = visitor_channel(ctx.channel_id, ctx.recipient)
@@ -256,11 +260,27 @@ class AnswerProcessor:
         reply_key: str,
         completion: Completion | None,
         channel: str | None,
+        *,
+        handoff: bool = False,
     ) -> str:
+        """Store the reply (the fallback when `completion` is None) and hand it on. A user who
+        asked for a person (`handoff`), or a fallback that follows enough others, gets the
+        chatbot's handoff reply instead, and the conversation goes to the tenant's agents in
+        the same transaction: the bot stops answering it."""
         rt = self.rt
         text = completion.text.strip() if completion is not None else ctx.chatbot.fallback_reply
         try:
             async with rt.sessions() as session, session.begin():
+                failures = self.settings.handoff_after_failures
+                if completion is None and not handoff and failures == 1:
+                    handoff = True
+                elif completion is None and not handoff and failures > 1:
+                    # (read only on the failure path: the answered path costs nothing more)
+                    recent = await recent_messages(session, req.conversation_id, limit=20)
+                    handoff = failed_in_a_row(recent, ctx.chatbot.fallback_reply, failures - 1)
+                if handoff:
+                    text = ctx.chatbot.handoff_reply
+                    await set_conversation_status(session, req.conversation_id, "pending_human")
                 result = await store_reply(
                     session,
                     conversation_id=req.conversation_id,
@@ -299,6 +319,9 @@ class AnswerProcessor:
         if channel is not None:
             for message in ctx.pending:
                 await self._best_effort(channel, status_frame(message.id, "read"))
+        if handoff:
+            log.info("conversation %s handed to the tenant's agents", req.conversation_id)
+            return "handoff"
         return "fallback" if completion is None else "answered"
 
     async def _send(self, req: AIRequest, message: MessageView, session: AsyncSession) -> None:

@@ -266,6 +266,7 @@ Name = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max
 Text = Annotated[str, StringConstraints(max_length=20_000)]
 Secret = Annotated[str, StringConstraints(min_length=1, max_length=4096)]
 Url = Annotated[str, StringConstraints(pattern=r"^https?://[^\s]+$", max_length=2000)]
+Phrase = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=100)]
 Origin = Annotated[str, StringConstraints(pattern=r"^https?://[^\s/]+$", max_length=300)]
 
 
@@ -388,6 +389,8 @@ class ChatbotIn(_In):
     kb_enabled: bool = True
     allowed_origins: list[Origin] = Field(default_factory=list, max_length=50)
     identity_secret: Secret | None = None
+    handoff_phrases: list[Phrase] | None = Field(default=None, max_length=30)
+    handoff_reply: Annotated[str, StringConstraints(min_length=1, max_length=2000)] | None = None
 
 
 class ChatbotPatch(_In):
@@ -403,6 +406,8 @@ class ChatbotPatch(_In):
     kb_enabled: bool | None = None
     allowed_origins: list[Origin] | None = Field(default=None, max_length=50)
     identity_secret: Secret | None = None
+    handoff_phrases: list[Phrase] | None = Field(default=None, max_length=30)
+    handoff_reply: Annotated[str, StringConstraints(min_length=1, max_length=2000)] | None = None
     remove_provider_api_key: bool = False
     remove_identity_secret: bool = False
 

@@ -14,6 +14,10 @@ from chat_domain.types import CHANNEL_KINDS, ChannelKind, sql_in_list
 
 DEFAULT_FALLBACK_REPLY = "Sorry, I cannot answer right now. Please try again later."
 DEFAULT_LIMIT_REPLY = "This assistant has reached its monthly limit. Please try again later."
+DEFAULT_HANDOFF_PHRASES = ("human", "agent", "a person", "real person", "talk to someone")
+DEFAULT_HANDOFF_REPLY = (
+    "I'm passing you to a member of our team; they will answer here as soon as they can."
+)
 
 
 class Chatbot(UUIDPrimaryKey, CreatedAt, Base):
@@ -41,6 +45,10 @@ class Chatbot(UUIDPrimaryKey, CreatedAt, Base):
     allowed_origins: Mapped[list[str]] = mapped_column(default=list)
     # Fernet token of the HMAC secret for widget visitor identity verification.
     identity_secret_enc: Mapped[str | None] = mapped_column(Text)
+    # what a user says to reach a person, and the bot's words when it hands over; NULL: the
+    # defaults above (an empty list turns asking off)
+    handoff_phrases: Mapped[list[str] | None] = mapped_column(default=None)
+    handoff_reply: Mapped[str | None] = mapped_column(Text, default=None)
 
     tenant: Mapped[Tenant] = relationship(lazy="raise")
 
