@@ -604,7 +604,6 @@ async def _outgoing(rt: Runtime, t: dict[str, Any], text: str) -> dict[str, Any]
     }
 
 
-@pytest.mark.xfail(strict=True, reason="every parked send is a probe")
 async def test_an_open_circuit_lets_one_probe_through_not_every_waiting_message(
     rt: Runtime,
 ) -> None:
