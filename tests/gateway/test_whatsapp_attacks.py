@@ -439,7 +439,6 @@ def postgres_db() -> Iterator[str]:
         run_blocking(drop_database(server, name))
 
 
-@pytest.mark.xfail(strict=True, reason="NUL reaches PostgreSQL text/jsonb: 500")
 @pytest.mark.postgres
 async def test_nul_characters_in_a_message_do_not_poison_the_webhook(
     gateway_redis: RedisServer, postgres_db: str, secret_key: str
@@ -463,8 +462,17 @@ async def test_nul_characters_in_a_message_do_not_poison_the_webhook(
             raw = json.dumps(photo).encode()
             r = await _post_cloud(client, ch["channel"], raw, _sign(raw))
             assert r.status == 200, await r.text()
+            reply = await _our_reply(rt, ch, "wamid.out")
+            failed = _status_body(ch["number"], "wamid.out", "failed", None)
+            item = failed["entry"][0]["changes"][0]["value"]["statuses"][0]
+            item["errors"] = [{"code": 131026, "title": "Undeliverable\u0000"}]
+            raw = json.dumps(failed).encode()
+            r = await _post_cloud(client, ch["channel"], raw, _sign(raw))
+            assert r.status == 200, await r.text()
+        async with rt.sessions() as s:
+            assert (await get_message(s, reply)).status == "failed"  # type: ignore[union-attr]
         stored = await _user_messages(rt, ch)
-        assert [m.external_id for m in stored] == ["wamid.nul", "wamid.nul2"]
+        assert [m.external_id for m in stored] == ["wamid.nul", "wamid.nul2", "wamid.out"]
         assert "\u0000" not in stored[0].text and stored[0].text.startswith("hi")
     finally:
         await rt.redis.flushdb()
