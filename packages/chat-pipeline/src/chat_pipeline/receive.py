@@ -9,6 +9,7 @@ unanswered is queued again (a no-op while its job exists).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import uuid
 from dataclasses import dataclass
@@ -53,7 +54,29 @@ class Received:
     queued: bool  # handed to the incoming worker now (else it was already, or the reconciler will)
 
 
+def _no_nul(value: str) -> str:
+    return value.replace("\x00", "")
+
+
+def _without_nul(inbound: InboundMessage) -> InboundMessage:
+    """PostgreSQL refuses U+0000 in text and jsonb, and a channel's text can hold it (Meta
+    sends it escaped): the insert failed, the webhook answered 500, and the provider redelivered
+    the whole batch for days. It carries no meaning, so it is dropped."""
+    return dataclasses.replace(
+        inbound,
+        external_user_id=_no_nul(inbound.external_user_id),
+        external_message_id=_no_nul(inbound.external_message_id),
+        text=_no_nul(inbound.text),
+        contact_name=None if inbound.contact_name is None else _no_nul(inbound.contact_name),
+        reply_to_external_id=(
+            None if inbound.reply_to_external_id is None else _no_nul(inbound.reply_to_external_id)
+        ),
+        media={_no_nul(k): _no_nul(v) for k, v in inbound.media.items()},
+    )
+
+
 async def receive_message(rt: Runtime, route: ChannelRoute, inbound: InboundMessage) -> Received:
+    inbound = _without_nul(inbound)
     async with rt.sessions() as session, session.begin():
         contact = await get_or_create_contact(
             session,
@@ -105,6 +128,12 @@ async def apply_status(rt: Runtime, channel_id: uuid.UUID, update: StatusUpdate)
     of order and twice), True when it changed something. The message is found by our own id
     when the channel echoes it (`callback_data`: a send that timed out never learned its
     channel id), else by the channel's id."""
+    update = dataclasses.replace(
+        update,
+        external_message_id=_no_nul(update.external_message_id),
+        error_code=None if update.error_code is None else _no_nul(update.error_code),
+        error_text=None if update.error_text is None else _no_nul(update.error_text),
+    )
     ours: uuid.UUID | None = None
     if update.callback_data:
         try:

@@ -128,6 +128,12 @@ class ChannelGate:
         key = self._key("rate", channel_id)
         return int(await self._rate(keys=[key], args=[per_second, 1000]))
 
+    async def claim_probe(self, channel_id: uuid.UUID) -> bool:
+        """Whether this send is the open circuit's one probe. Parked messages all wake when the
+        probe interval ends; without a claim every one of them would probe at once."""
+        key = self._key("probe", channel_id)
+        return bool(await self.redis.set(key, "1", px=CIRCUIT_PROBE_MS, nx=True))
+
     async def hold(self, channel_id: uuid.UUID, ms: int) -> None:
         await self.redis.set(self._key("hold", channel_id), "1", px=max(1, ms))
 
@@ -287,6 +293,15 @@ class SendProcessor:
         if await self._went_out(out.message_id):
             return "already-sent"  # sent by an earlier run, or a status webhook said so
         gate = await self.gate.check(out.channel_id, out.message_id)
+        if (
+            not gate.wait_ms
+            and gate.circuit_open
+            and not await self.gate.claim_probe(out.channel_id)
+        ):
+            # another send is the probe: wait for its outcome (at least a moment, should
+            # its claim have just lapsed)
+            again = await self.gate.check(out.channel_id, out.message_id)
+            gate = GateCheck(max(1, again.wait_ms), again.circuit_open, again.parts_sent)
         if gate.wait_ms:
             # paused channel: the message waits, no attempt is used, until the channel resumes
             await self.gate.park(out.channel_id, job.id)

@@ -9,6 +9,7 @@ A request whose signature does not verify is refused (401) and nothing is stored
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 import uuid
@@ -94,19 +95,29 @@ whatsapp_cache_key = web.AppKey("whatsapp_channels", WebhookChannels)
 
 
 WEBHOOK_MAX_BYTES = 1024 * 1024  # a provider may batch many events in one call
+# The body is read before its signature can be checked, so anyone who knows a callback URL
+# could hold connections open by trickling bytes (slow loris); providers send 1 MiB in far less.
+WEBHOOK_READ_TIMEOUT_S = 10.0
 
 
 async def read_body(request: web.Request, limit: int = WEBHOOK_MAX_BYTES) -> bytes:
-    """The raw body, up to `limit` bytes (the app's default limit is the widget's, smaller)."""
+    """The raw body, up to `limit` bytes (the app's default limit is the widget's, smaller),
+    within `WEBHOOK_READ_TIMEOUT_S` (else 408)."""
     if request.content_length is not None and request.content_length > limit:
         raise ApiError(413, "too_large", f"the body is larger than {limit} bytes")
     chunks: list[bytes] = []
     size = 0
-    while chunk := await request.content.read(65536):
-        size += len(chunk)
-        if size > limit:
-            raise ApiError(413, "too_large", f"the body is larger than {limit} bytes")
-        chunks.append(chunk)
+    try:
+        async with asyncio.timeout(WEBHOOK_READ_TIMEOUT_S):
+            while chunk := await request.content.read(65536):
+                size += len(chunk)
+                if size > limit:
+                    raise ApiError(413, "too_large", f"the body is larger than {limit} bytes")
+                chunks.append(chunk)
+    except TimeoutError:
+        raise ApiError(
+            408, "timeout", f"the body did not arrive within {WEBHOOK_READ_TIMEOUT_S:g} s"
+        ) from None
     return b"".join(chunks)
 
 

@@ -928,7 +928,7 @@ class WahaSender(_QrClient):
                 return PermanentSendError(label, code="not_on_whatsapp")
             # the session is not WORKING (WAHA waited 5 s for it): hold the channel, re-pair
             state = _text(body.get("status")) if isinstance(body, dict) else None
-            label += f" [session {state}]" if state else ""
+            label += f" [session {state[:40]}]" if state else ""  # the service's words: capped
             return ChannelFatalError(label, code="session_not_working")
         return None
 
