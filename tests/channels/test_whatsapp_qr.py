@@ -426,7 +426,8 @@ def test_waha_ack_of_their_message_or_a_group_is_ignored() -> None:
 )
 def test_waha_session_status_events(raw: str, status: str) -> None:
     body = waha_event("session.status", {"name": SESSION, "status": raw})
-    assert parse_waha_webhook(body) == [(SESSION, SessionStatus(SESSION, status, raw))]  # type: ignore[arg-type]
+    at = datetime.fromtimestamp(1732300042.5, tz=UTC)  # the envelope's time orders reports
+    assert parse_waha_webhook(body) == [(SESSION, SessionStatus(SESSION, status, raw, at))]  # type: ignore[arg-type]
 
 
 MALFORMED: list[Any] = [

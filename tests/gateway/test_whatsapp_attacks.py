@@ -521,7 +521,6 @@ async def test_a_qr_working_state_cannot_be_spoofed_to_resume_a_stopped_channel(
     assert (await gate.state(evolution["channel"])).open
 
 
-@pytest.mark.xfail(strict=True, reason="session states applied in arrival order")
 async def test_a_stale_working_state_does_not_resume_a_session_that_failed_since(
     client: TestClient[Any, Any], rt: Runtime
 ) -> None:

@@ -54,6 +54,15 @@ SenderFactory = Callable[[ChannelView, Any, Runtime], Sender]
 CIRCUIT_PROBE_MS = 60_000  # an open circuit lets one send through this often (half-open)
 STOPPED_KEY = "chan:stopped"  # ids of the channels whose circuit is open
 
+# KEYS[1] = the last applied time; ARGV = (this report's time, ms to keep it)
+_SET_IF_NEWER = """
+local seen = tonumber(redis.call('GET', KEYS[1]) or '-1')
+local at = tonumber(ARGV[1])
+if at < seen then return 0 end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return 1
+"""
+
 # GCRA, as queue-core's own limits: `max` sends per `ms` across every replica, bursts up to
 # `max`. Returns 0 (send now, counted) or the ms to wait.
 _RATE = """
@@ -99,6 +108,7 @@ class ChannelGate:
     def __init__(self, redis: Any) -> None:
         self.redis = redis
         self._rate = redis.register_script(_RATE)
+        self._newer = redis.register_script(_SET_IF_NEWER)
 
     @staticmethod
     def _key(kind: str, channel_id: uuid.UUID) -> str:
@@ -133,6 +143,13 @@ class ChannelGate:
         probe interval ends; without a claim every one of them would probe at once."""
         key = self._key("probe", channel_id)
         return bool(await self.redis.set(key, "1", px=CIRCUIT_PROBE_MS, nx=True))
+
+    async def session_state_is_newest(self, channel_id: uuid.UUID, at_ms: int) -> bool:
+        """Record that the channel's QR session reported a state at `at_ms` (the service's own
+        clock); False when a later report was applied already. Services retry webhooks with
+        backoff, so an old WORKING can arrive after a newer FAILED."""
+        key = self._key("session_at", channel_id)
+        return bool(await self._newer(keys=[key], args=[at_ms, self.PARKED_TTL_S * 1000]))
 
     async def hold(self, channel_id: uuid.UUID, ms: int) -> None:
         await self.redis.set(self._key("hold", channel_id), "1", px=max(1, ms))

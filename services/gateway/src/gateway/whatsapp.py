@@ -260,6 +260,11 @@ async def _session_changed(
     """A working session sends at once; any other state stops the channel's sends (they wait,
     no attempt used) until it works again. The tenant sees why in `gateway-admin channels`."""
     gate = ChannelGate(rt.redis)
+    if status.at is not None:
+        at_ms = int(status.at.timestamp() * 1000)
+        if not await gate.session_state_is_newest(channel.id, at_ms):
+            log.info("channel %s: an older session state (%s) ignored", channel.id, status.raw)
+            return
     if status.status == "working":
         queue = rt.pipeline.channel_queue(channel.kind)
         assert queue is not None

@@ -89,6 +89,7 @@ class SessionStatus:
     session: str
     status: SessionState
     raw: str
+    at: datetime | None = None  # when the service saw it (WAHA's envelope), to order reports
 
 
 QrEvent = InboundMessage | StatusUpdate | SessionStatus
@@ -428,7 +429,8 @@ def _parse_waha(body: Any) -> list[tuple[str, QrEvent]]:
         raw = _text(payload.get("status"))
         state = _waha_state(raw) if raw else None
         if raw and state:
-            item = SessionStatus(session=session, status=state, raw=raw)
+            at = _from_epoch(envelope.get("timestamp"), millis=True)
+            item = SessionStatus(session=session, status=state, raw=raw, at=at)
     return [] if item is None else [(session, item)]
 
 
