@@ -445,3 +445,24 @@ def _incoming(side: Side, message_id: uuid.UUID, text: str) -> Any:
         external_user_id="v", text=text, external_message_id=None, received_at=utcnow(),
         message_id=message_id, conversation_id=side.conversation,
     )  # fmt: skip
+
+
+async def test_each_route_validates_with_the_model_it_documents(
+    client: Client, world: World
+) -> None:
+    """A field the documented model does not know is refused, named, by the route itself: the
+    OpenAPI document (built from `Route.body`) and the validation cannot drift apart."""
+    checked = 0
+    for r in admin_api.ROUTES:
+        model = r.body
+        if not isinstance(model, type) or model.model_config.get("extra") != "forbid":
+            continue
+        key = world.operator if r.scope == "platform" else world.a.admin
+        resp = await _call(client, r, _fill(r.path, world.a.ids()), key, json={"zz_unknown": 1})
+        assert resp.status == 400, (r.method, r.path, resp.status)
+        fields = {(await resp.json())["error"]["field"]}
+        assert fields & (
+            {"zz_unknown"} | {n for n, f in model.model_fields.items() if f.is_required()}
+        )
+        checked += 1
+    assert checked >= 8

@@ -23,7 +23,7 @@ from typing import Annotated, Any, Literal, TypeVar
 
 import orjson
 from aiohttp import web
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, TypeAdapter, ValidationError
 from sqlalchemy.exc import IntegrityError
 
 from chat_domain import (
@@ -101,6 +101,15 @@ Handler = Callable[[web.Request, Ctx], Awaitable[web.StreamResponse]]
 
 
 @dataclass(frozen=True, slots=True)
+class Param:
+    """A query parameter, for the OpenAPI document."""
+
+    name: str
+    schema: dict[str, Any]
+    description: str = ""
+
+
+@dataclass(frozen=True, slots=True)
 class Route:
     method: str
     path: str
@@ -108,6 +117,9 @@ class Route:
     role: ApiKeyRole  # the least role that may call it
     scope: Literal["tenant", "platform"]
     summary: str
+    body: Any = None  # the request body's pydantic model (or TypeAdapter), for the docs
+    query: tuple[Param, ...] = ()
+    created: bool = False  # answers 201 (else 200, or 204 for DELETE)
 
 
 ROUTES: list[Route] = []
@@ -119,13 +131,21 @@ def route(
     role: ApiKeyRole,
     summary: str,
     scope: Literal["tenant", "platform"] = "tenant",
+    *,
+    body: Any = None,
+    query: tuple[Param, ...] = (),
+    created: bool = False,
 ) -> Callable[[Handler], Handler]:
     def register(handler: Handler) -> Handler:
         full = path if path.startswith("/api/") else PREFIX + path
-        ROUTES.append(Route(method, full, handler, role, scope, summary))
+        ROUTES.append(Route(method, full, handler, role, scope, summary, body, query, created))
         return handler
 
     return register
+
+
+_ID = {"type": "string", "format": "uuid"}
+_LIMIT = Param("limit", {"type": "integer", "minimum": 1, "maximum": 200}, "page size")
 
 
 # -- plumbing --------------------------------------------------------------------------------
@@ -420,7 +440,8 @@ async def chatbots_list(request: web.Request, ctx: Ctx) -> web.Response:
     return _json({"items": [_chatbot(b, base) for b in bots]})
 
 
-@route("POST", "/chatbots", "admin", "Create a chatbot (and its widget channel)")
+@route("POST", "/chatbots", "admin", "Create a chatbot (and its widget channel)",
+       body=ChatbotIn, created=True)  # fmt: skip
 async def chatbots_create(request: web.Request, ctx: Ctx) -> web.Response:
     body = await _body(request, ChatbotIn)
     values = body.model_dump(exclude_none=True)
@@ -437,7 +458,8 @@ async def chatbots_get(request: web.Request, ctx: Ctx) -> web.Response:
     return _json(_chatbot(bot, ctx.rt.settings.base_url))
 
 
-@route("PATCH", "/chatbots/{chatbot_id}", "admin", "Change a chatbot; secrets are write-only")
+@route("PATCH", "/chatbots/{chatbot_id}", "admin", "Change a chatbot; secrets are write-only",
+       body=ChatbotPatch)  # fmt: skip
 async def chatbots_update(request: web.Request, ctx: Ctx) -> web.Response:
     bot = await _own_chatbot(ctx, _path_id(request, "chatbot_id"))
     body = await _body(request, ChatbotPatch)
@@ -517,7 +539,8 @@ async def documents_list(request: web.Request, ctx: Ctx) -> web.Response:
     return _json({"items": [_document(d) for d in docs]})
 
 
-@route("POST", "/chatbots/{chatbot_id}/documents", "admin", "Add a knowledge document")
+@route("POST", "/chatbots/{chatbot_id}/documents", "admin", "Add a knowledge document",
+       body=DocumentIn, created=True)  # fmt: skip
 async def documents_create(request: web.Request, ctx: Ctx) -> web.Response:
     bot = await _own_chatbot(ctx, _path_id(request, "chatbot_id"))
     body = await _body(request, DocumentIn, limit=DOCUMENT_MAX_BYTES + 64 * 1024)
@@ -572,6 +595,11 @@ class ChannelIn(BaseModel):
     channel: Annotated[WidgetChannelIn | CloudChannelIn | QrChannelIn, Field(discriminator="kind")]
 
 
+CHANNEL_BODY: TypeAdapter[WidgetChannelIn | CloudChannelIn | QrChannelIn] = TypeAdapter(
+    Annotated[WidgetChannelIn | CloudChannelIn | QrChannelIn, Field(discriminator="kind")]
+)
+
+
 class ChannelPatch(_In):
     phone_number_id: Annotated[str, StringConstraints(min_length=1, max_length=200)] | None = None
     access_token: Secret | None = None
@@ -581,14 +609,16 @@ class ChannelPatch(_In):
     api_key: Secret | None = None
 
 
-@route("GET", "/channels", "agent", "The tenant's channels, with their sending state")
+@route("GET", "/channels", "agent", "The tenant's channels, with their sending state",
+       query=(Param("chatbot_id", _ID, "only this chatbot's"),))  # fmt: skip
 async def channels_list(request: web.Request, ctx: Ctx) -> web.Response:
     chatbot_id = _query_uuid(request, "chatbot_id")
     items = await _ops(ctx).list(tenant_id=ctx.tenant, chatbot_id=chatbot_id)
     return _json({"items": items})
 
 
-@route("POST", "/channels", "admin", "Connect a channel; its webhook secret is shown once")
+@route("POST", "/channels", "admin", "Connect a channel; its webhook secret is shown once",
+       body=CHANNEL_BODY, created=True)  # fmt: skip
 async def channels_create(request: web.Request, ctx: Ctx) -> web.Response:
     raw = await _body(request, _Raw)
     try:
@@ -637,7 +667,8 @@ async def channels_get(request: web.Request, ctx: Ctx) -> web.Response:
     return _json(await ops.show(await ops.get(channel_id)))
 
 
-@route("PATCH", "/channels/{channel_id}", "admin", "New token, secret, number or QR service")
+@route("PATCH", "/channels/{channel_id}", "admin", "New token, secret, number or QR service",
+       body=ChannelPatch)  # fmt: skip
 async def channels_update(request: web.Request, ctx: Ctx) -> web.Response:
     channel_id = _path_id(request, "channel_id")
     await _own_channel(ctx, channel_id)
@@ -674,7 +705,11 @@ async def channels_enable(request: web.Request, ctx: Ctx) -> web.Response:
     return _json(await _ops(ctx).set_active(channel_id, True))
 
 
-@route("GET", "/channels/{channel_id}/qr", "admin", "A QR channel's session and pairing QR")
+_FORMAT = Param("format", {"type": "string", "enum": ["json", "png"]}, "png: the image")
+
+
+@route("GET", "/channels/{channel_id}/qr", "admin", "A QR channel's session and pairing QR",
+       query=(_FORMAT,))  # fmt: skip
 async def channels_qr(request: web.Request, ctx: Ctx) -> web.Response:
     """Proxied from the QR service at each call (the QR changes every ~20 s); `?format=png`
     answers the image itself, for an <img> tag."""
@@ -724,7 +759,16 @@ def _statuses(raw: str | None) -> tuple[ConversationStatus, ...]:
     return tuple(out)
 
 
-@route("GET", "/conversations", "agent", "Conversations, most recent first (filters, cursor)")
+@route(
+    "GET", "/conversations", "agent", "Conversations, most recent first (filters, cursor)",
+    query=(
+        Param("status", {"type": "string"}, "comma-separated: open, pending_human, resolved"),
+        Param("channel_id", _ID), Param("chatbot_id", _ID),
+        Param("q", {"type": "string", "maxLength": 200}, "in the contact or any message text"),
+        Param("since", {"type": "string", "format": "date-time"}, "active since"),
+        Param("cursor", {"type": "string"}, "next_cursor of the previous page"), _LIMIT,
+    ),
+)  # fmt: skip
 async def conversations_list(request: web.Request, ctx: Ctx) -> web.Response:
     limit = _query_int(request, "limit", 50, 1, MAX_PAGE)
     since_raw = request.query.get("since")
@@ -760,7 +804,10 @@ async def conversations_list(request: web.Request, ctx: Ctx) -> web.Response:
     )
 
 
-@route("GET", "/conversations/{conversation_id}", "agent", "A conversation and its messages")
+@route(
+    "GET", "/conversations/{conversation_id}", "agent", "A conversation and its messages",
+    query=(Param("after_seq", {"type": "integer", "minimum": 0}, "the last seq seen"), _LIMIT),
+)  # fmt: skip
 async def conversations_get(request: web.Request, ctx: Ctx) -> web.Response:
     """Messages in order after `after_seq` (the last `seq` seen): poll with it for new ones."""
     conversation = await _own_conversation(ctx, _path_id(request, "conversation_id"))
@@ -841,7 +888,8 @@ class AgentReplyIn(_In):
     ) = None
 
 
-@route("POST", "/conversations/{conversation_id}/messages", "agent", "An agent's reply")
+@route("POST", "/conversations/{conversation_id}/messages", "agent", "An agent's reply",
+       body=AgentReplyIn, created=True)  # fmt: skip
 async def conversations_reply(request: web.Request, ctx: Ctx) -> web.Response:
     """Goes out through the outgoing pipeline on the conversation's channel, like the bot's; the
     agent answering takes the conversation over (the bot stops answering it)."""
@@ -900,7 +948,8 @@ async def keys_list(request: web.Request, ctx: Ctx) -> web.Response:
     return _json({"items": [_key(k) for k in keys]})
 
 
-@route("POST", "/api-keys", "admin", "Create a key: the key is in this answer only")
+@route("POST", "/api-keys", "admin", "Create a key: the key is in this answer only",
+       body=ApiKeyIn, created=True)  # fmt: skip
 async def keys_create(request: web.Request, ctx: Ctx) -> web.Response:
     body = await _body(request, ApiKeyIn)
     async with ctx.rt.sessions() as session, session.begin():
@@ -924,7 +973,11 @@ async def keys_revoke(request: web.Request, ctx: Ctx) -> web.Response:
 # -- usage -----------------------------------------------------------------------------------
 
 
-@route("GET", "/usage", "admin", "Month-to-date usage by kind, with the plan's limits")
+_MONTH = Param("month", {"type": "string", "pattern": "^\\d{4}-\\d{2}$"}, "e.g. 2026-12")
+
+
+@route("GET", "/usage", "admin", "Month-to-date usage by kind, with the plan's limits",
+       query=(_MONTH,))  # fmt: skip
 async def usage(request: web.Request, ctx: Ctx) -> web.Response:
     now = datetime.now(UTC)
     raw = request.query.get("month") or f"{now.year:04d}-{now.month:02d}"
@@ -976,7 +1029,7 @@ async def plans_list(request: web.Request, ctx: Ctx) -> web.Response:
     return _json({"items": [_plan(p) for p in plans]})
 
 
-@route("POST", "/plans", "operator", "Create a plan", scope="platform")
+@route("POST", "/plans", "operator", "Create a plan", "platform", body=PlanIn, created=True)
 async def plans_create(request: web.Request, ctx: Ctx) -> web.Response:
     body = await _body(request, PlanIn)
     try:
@@ -987,7 +1040,8 @@ async def plans_create(request: web.Request, ctx: Ctx) -> web.Response:
     return _json(_plan(plan), 201)
 
 
-@route("GET", "/tenants", "operator", "Tenants (cursor: the last id)", scope="platform")
+@route("GET", "/tenants", "operator", "Tenants (cursor: the last id)", "platform",
+       query=(Param("cursor", _ID, "the last id of the previous page"), _LIMIT))  # fmt: skip
 async def tenants_list(request: web.Request, ctx: Ctx) -> web.Response:
     limit = _query_int(request, "limit", 100, 1, MAX_PAGE)
     after = _query_uuid(request, "cursor")
@@ -1001,7 +1055,8 @@ async def tenants_list(request: web.Request, ctx: Ctx) -> web.Response:
     )
 
 
-@route("POST", "/tenants", "operator", "Create a tenant and its first admin key", "platform")
+@route("POST", "/tenants", "operator", "Create a tenant and its first admin key", "platform",
+       body=TenantIn, created=True)  # fmt: skip
 async def tenants_create(request: web.Request, ctx: Ctx) -> web.Response:
     body = await _body(request, TenantIn)
     async with ctx.rt.sessions() as session, session.begin():
@@ -1018,7 +1073,16 @@ async def tenants_create(request: web.Request, ctx: Ctx) -> web.Response:
     return _json({**_tenant(tenant), "admin_api_key": key.plaintext}, 201)
 
 
-@route("POST", "/api/queue/add/{queue}", "operator", "Enqueue a raw job", scope="platform")
+class QueueJobIn(BaseModel):
+    """Any JSON object: the job's data. `id` becomes the job id, `name` the job's name."""
+
+    model_config = ConfigDict(extra="allow")
+    id: str | None = Field(default=None, min_length=1, max_length=200)
+    name: str | None = None
+
+
+@route("POST", "/api/queue/add/{queue}", "operator", "Enqueue a raw job", "platform",
+       body=QueueJobIn, created=True)  # fmt: skip
 async def queue_add(request: web.Request, ctx: Ctx) -> web.Response:
     """A payload `id` becomes the job id (adding the same id twice is one job)."""
     name = request.match_info["queue"]

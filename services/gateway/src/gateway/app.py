@@ -18,7 +18,7 @@ from chat_pipeline.processors import schedule_maintenance, start_workers
 from chat_pipeline.reconcile import Reconciler
 from chat_pipeline.send import ChannelGate
 from chat_pipeline.supervision import WorkerSet, first_of
-from gateway import admin_api, whatsapp, widget
+from gateway import admin_api, openapi, whatsapp, widget
 from gateway.errors import ApiError, error_middleware
 from gateway.keys import hub_key, runtime_key
 from gateway.live_hub import LiveHub
@@ -217,6 +217,16 @@ async def api_index(request: web.Request) -> web.Response:
     )
 
 
+async def openapi_json(request: web.Request) -> web.Response:
+    doc = openapi.build(request.app[settings_key].base_url)
+    return web.json_response(doc)
+
+
+async def api_docs(request: web.Request) -> web.Response:
+    page = (_STATIC / "api.html").read_text(encoding="utf-8")
+    return web.Response(text=page, content_type="text/html")
+
+
 def create_app(settings: PipelineSettings) -> web.Application:
     app = web.Application(
         # The widget's bound; provider webhooks read up to their own, larger one (read_body).
@@ -242,6 +252,8 @@ def create_app(settings: PipelineSettings) -> web.Application:
             web.get("/demo/{public_key}", demo_page),
             web.get("/", landing_page),
             web.get(admin_api.PREFIX, api_index),
+            web.get("/openapi.json", openapi_json),
+            web.get("/api/docs", api_docs),
         ]
     )
     app.add_routes(admin_api.routes())
