@@ -37,7 +37,8 @@ WhatsApp Cloud (--whatsapp: these phases instead of the ones above)
 
 Adds the channel-whatsapp-cloud process and the fake Graph API (tests/fakes/whatsapp.py, its own
 process; WHATSAPP_GRAPH_URL points the sender at it, WHATSAPP_RATE_PER_S is lifted so the
-per-number limit is not what is measured), and a Cloud channel on the demo chatbot (added with
+per-number limit is not what is measured; RECONCILE_AFTER_MS is an hour, so replies held in
+the paused send queue are not requeued as lost), and a Cloud channel on the demo chatbot (added with
 `gateway-admin channels add-cloud`). The fake answers each send at once and posts the `sent`
 and `delivered` status webhooks back to the gateway, as Meta does. Webhooks are posted by this
 process, signed with the app secret (X-Hub-Signature-256), each from its own user number.
@@ -977,6 +978,9 @@ async def start_and_run(args: argparse.Namespace, data_dir: Path) -> dict[str, A
             env["WHATSAPP_GRAPH_URL"] = graph_url
             # Meta's default 80/s per number would be what a drain measures, not the worker
             env["WHATSAPP_RATE_PER_S"] = "1000000"
+            # replies held in the paused send queue while it is preloaded (a minute or two) are
+            # not lost jobs for the reconciler to queue again
+            env["RECONCILE_AFTER_MS"] = "3600000"
         env.update(item.split("=", 1) for item in args.env)
         if args.postgres:
             database_url = await stack.enter_async_context(
