@@ -1,6 +1,6 @@
 """Run one platform service with a count of the SQL it executes (for bench/pipeline_bench.py).
 
-    python bench/_counted_service.py gateway|ai-worker
+    python bench/_counted_service.py gateway|ai-worker|channel-whatsapp-cloud
 
 A class-level SQLAlchemy listener sees every statement of every engine the service creates,
 without touching the service's code. On SIGUSR1 the counts so far are written to
@@ -80,6 +80,8 @@ def main() -> int:
         from gateway.__main__ import main as service_main
     elif service == "ai-worker":
         from ai_worker.__main__ import main as service_main
+    elif service == "channel-whatsapp-cloud":
+        from channel_whatsapp_cloud.__main__ import main as service_main
     else:
         raise SystemExit(f"unknown service {service!r}")
     return service_main()

@@ -539,8 +539,10 @@ async def test_graph_control_api_drives_everything_over_http(
         )
         bad = await http.post("/_fake/script", json={"kind": "explode"})
         planned = await http.post("/_fake/statuses", json={"plan": ["read"]})
+        before_send = time.monotonic()
         throttled = await http.post(SEND, json=text_body(), headers=AUTH)
         accepted = await http.post(SEND, json=text_body(), headers=AUTH)
+        after_send = time.monotonic()
         wamid = accepted.json()["messages"][0]["id"]
         await receiver.wait(1)
         emitted = await http.post(
@@ -584,6 +586,7 @@ async def test_graph_control_api_drives_everything_over_http(
     assert [r["path"] for r in requests] == [SEND, SEND]  # the control API is not recorded
     assert requests[0]["headers"]["authorization"] == f"Bearer {TOKEN}"
     assert [(m["id"], m["recipient"]) for m in sent] == [(wamid, "5511900000000")]
+    assert before_send <= sent[0]["at"] <= after_send  # one clock with this process
     assert len(deliveries) == 5 and {d["outcome"] for d in deliveries} == {"delivered"}
     assert after_reset == [{"requests": []}, {"sent": []}]
 

@@ -391,6 +391,8 @@ class SentMessage:
     answered: bool = True
     idempotency_key: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    # when the fake accepted it, on time.monotonic(): CLOCK_MONOTONIC is one clock for every
+    # process of a Linux host, so another process (a benchmark) can subtract its own readings
     at: float = field(default_factory=time.monotonic)
 
     def to_json(self) -> dict[str, Any]:
@@ -404,6 +406,7 @@ class SentMessage:
             "answered": self.answered,
             "idempotency_key": self.idempotency_key,
             "extra": self.extra,
+            "at": self.at,
         }
 
 
