@@ -354,6 +354,53 @@ async def test_a_stored_reply_that_was_never_handed_on_is_queued_again_then_fail
     assert final is not None and final.status == "failed" and final.error_code == "undeliverable"
 
 
+async def test_a_reply_waiting_in_its_send_queue_is_neither_requeued_nor_failed(
+    own_rt: Runtime,
+) -> None:
+    """A WhatsApp reply handed to its channel's send queue waits there (a stopped channel parks
+    it for as long as the token stays expired; a backlog behind the per-number rate). It is
+    not owed: the reconciler used to queue it again every `after` and then mark it failed,
+    after which the resumed channel skipped it as already done: lost."""
+    rt = own_rt
+    t = await _tenant(rt)
+    conv = await _conversation(rt, t, kind="wa")
+    q = await _ask(rt, conv, "hi")
+    async with rt.sessions() as s, s.begin():
+        reply = (
+            await store_reply(
+                s, conversation_id=conv, answers=[q.id], text="hello", external_id="ai:wait"
+            )
+        ).message
+    await rt.pipeline.enqueue_outgoing(
+        OutgoingMessage(
+            tenant_id=t["tenant"], conversation_id=conv, message_id=reply.id,
+            channel_id=t["wa"], channel_kind="whatsapp_cloud", recipient_external_id=VISITOR,
+            text="hello",
+        ),
+        await _priority(rt, t),
+    )  # fmt: skip
+    (out,) = await rt.pipeline.outgoing.list_jobs(JobState.WAITING)
+    assert await OutgoingProcessor(rt)(out) == "routed"
+    await rt.pipeline.outgoing.remove(out.id)
+    reconciler = _quick(rt)
+    for seconds in (90, 150, 210, 3600):
+        _later(reconciler, seconds)
+        result = await reconciler.run_once(lock=False)
+        assert result.replies_requeued == 0 and result.replies_failed == 0, seconds
+    async with rt.sessions() as s:
+        assert (await get_message(s, reply.id)).status == "queued"  # type: ignore[union-attr]
+    # the send job is gone for real (Redis lost it): now it is owed
+    await rt.redis.flushdb()
+    assert (await reconciler.run_once(lock=False)).replies_requeued == 1
+
+
+async def _priority(rt: Runtime, t: dict[str, Any]) -> Any:
+    from chat_domain import get_queue_priority
+
+    async with rt.sessions() as s:
+        return await get_queue_priority(s, t["tenant"])
+
+
 async def test_one_process_reconciles_per_interval(rt: Runtime) -> None:
     a, b = Reconciler(rt), Reconciler(rt)
     assert not (await a.run_once()).skipped

@@ -41,6 +41,7 @@ from chat_domain.models import utcnow
 from chat_domain.payloads import IncomingMessage, OutgoingMessage
 from chat_domain.types import ChannelKind
 from chat_pipeline.runtime import Runtime
+from queue_core.job import ACTIVE_STATES, PENDING_STATES
 
 __all__ = ["ReconcileResult", "Reconciler", "answer_with_fallback"]
 
@@ -56,6 +57,9 @@ class ReconcileResult:
     fallbacks: int = 0  # conversations whose questions got the fallback reply
     replies_failed: int = 0
     skipped: bool = False  # another process held the lock
+
+
+_ALIVE = PENDING_STATES | ACTIVE_STATES
 
 
 class Reconciler:
@@ -107,7 +111,7 @@ class Reconciler:
             await self._requeue(owed, plans)
             requeued_q += 1
         for owed in replies:
-            if not self._due(owed):
+            if not self._due(owed) or await self._in_flight(owed):
                 continue
             if owed.message.requeues >= self.max_requeues:
                 async with self.rt.sessions() as session, session.begin():
@@ -124,6 +128,22 @@ class Reconciler:
             await self._requeue(owed, plans)
             requeued_r += 1
         return ReconcileResult(requeued_q, requeued_r, fallbacks, failed)
+
+    async def _in_flight(self, owed: OwedMessage) -> bool:
+        """A reply still `queued` whose job is alive is not owed: it waits in the outgoing
+        queue, or in its channel's send queue (parked while the channel is stopped, behind the
+        per-number rate). Queued again it would only be sent by a second job; failed after the
+        last requeue, the resumed channel would skip it as done."""
+        m = owed.message
+        suffix = f":{m.requeues}" if m.requeues else ""
+        queues = [(self.rt.pipeline.outgoing, f"out:{m.id}{suffix}")]
+        channel_queue = self.rt.pipeline.channel_queue(owed.channel_kind)
+        if channel_queue is not None:
+            queues.append((channel_queue, f"send:{m.id}{suffix}"))
+        for queue, job_id in queues:
+            if await queue.get_state(job_id) in _ALIVE:
+                return True
+        return False
 
     def _due(self, owed: OwedMessage) -> bool:
         # each requeue waits one more `after` before the next: a slow but working pipeline
