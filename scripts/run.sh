@@ -8,6 +8,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 # compiled bytecode: each service starts in ~3 s of CPU instead of ~7 s where
 # PYTHONDONTWRITEBYTECODE is set
+echo "make run: installing from uv.lock (the first run downloads packages: about 30 s)..."
 scripts/uv.sh sync --locked --all-packages --quiet --compile-bytecode
+echo "make run: compiling..."
 .venv/bin/python -m compileall -q packages services migrations >/dev/null
 exec .venv/bin/python -m devstack.platform "$@"

@@ -54,6 +54,13 @@ def _networks(env: Mapping[str, str], name: str) -> tuple[IPNetwork, ...]:
     return tuple(networks)
 
 
+def _choice(env: Mapping[str, str], name: str, default: str, allowed: tuple[str, ...]) -> str:
+    value = (env.get(name) or default).strip().lower()
+    if value not in allowed:
+        raise ConfigError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
+    return value
+
+
 def _per_minute(env: Mapping[str, str], name: str, default: int) -> tuple[int, int]:
     return (_int(env, name, default, 1), 60_000)
 
@@ -134,6 +141,7 @@ class PipelineSettings:
     ws_send_queue: int = 256
     ws_send_timeout_s: float = 5.0
     log_level: str = "INFO"
+    event_loop: str = "uvloop"  # or "asyncio" (the standard library's loop)
 
     @property
     def base_url(self) -> str:
@@ -202,4 +210,5 @@ class PipelineSettings:
             ws_send_queue=_int(env, "WIDGET_WS_SEND_QUEUE", 256, 1),
             ws_send_timeout_s=_float(env, "WIDGET_WS_SEND_TIMEOUT_S", 5.0),
             log_level=(env.get("LOG_LEVEL") or "INFO").upper(),
+            event_loop=_choice(env, "EVENT_LOOP", "uvloop", ("uvloop", "asyncio")),
         )

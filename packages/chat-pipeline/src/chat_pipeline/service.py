@@ -19,6 +19,16 @@ __all__ = ["run_service"]
 Runner = Callable[[PipelineSettings, asyncio.Event], Awaitable[None]]
 
 
+def _loop_factory(settings: PipelineSettings) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop unless EVENT_LOOP=asyncio: the same program for about a quarter less CPU per
+    message (measured in bench/pipeline_bench.py, docs/architecture.md#performance)."""
+    if settings.event_loop == "asyncio":
+        return None
+    import uvloop
+
+    return uvloop.new_event_loop
+
+
 def run_service(name: str, runner: Callable[[], Runner], argv: Sequence[str] | None = None) -> int:
     """Run `runner()(settings, stop)` until a signal sets `stop`. `runner` is a factory so the
     service's heavy imports happen after the configuration was checked. A runner that raises
@@ -51,7 +61,8 @@ def run_service(name: str, runner: Callable[[], Runner], argv: Sequence[str] | N
         await run(settings, stop)
 
     try:
-        asyncio.run(main())
+        with asyncio.Runner(loop_factory=_loop_factory(settings)) as runner_:
+            runner_.run(main())
     except Exception:
         logging.getLogger(name).critical("%s stopped on an error; exiting", name, exc_info=True)
         return 1

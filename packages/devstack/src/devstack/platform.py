@@ -24,7 +24,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import TextIO
@@ -91,6 +91,8 @@ class Platform:
         self.redis: RedisServer | None = None
         self.processes: dict[str, subprocess.Popen[bytes]] = {}
         self.demo: dict[str, str] = {}
+        # one line per step for a person waiting at the terminal (make run sets it)
+        self.progress: Callable[[str], None] = lambda step: None
         self.root = repo_root()
         # set from a signal handler, so only ever read by polling loops: a handler that raised
         # instead could land between a child's fork and its registration and lose the child
@@ -141,13 +143,17 @@ class Platform:
             if "gateway" in self.service_names:
                 self.check_port()
             if not self._redis_url:
+                self.progress("starting the embedded Valkey")
                 # a fixed port per data directory would collide across runs; AOF keeps the data
                 self.redis = RedisServer(
                     data_dir=self.data_dir / "valkey", persist=True, die_with_parent=True
                 ).start()
+            self.progress("migrating the database")
             self.migrate()
             if self.bootstrap_demo:
+                self.progress("preparing the demo tenant")
                 self.demo = self._demo()
+            self.progress(f"starting {', '.join(self.service_names)}")
             for name in self.service_names:
                 self._check_stop()
                 self.start_service(name)
@@ -470,6 +476,7 @@ def main(argv: list[str] | None = None) -> int:
     # everything below runs inside this try, so whatever fails (a print, a restart, a bug)
     # the finally stops every child
     try:
+        platform.progress = lambda step: _say(f"make run: {step}...")
         platform.start()
         _say(_banner(platform))
         return supervise(platform)
@@ -495,7 +502,11 @@ def _banner(platform: Platform) -> str:
     return f"""
 Chatbot platform is running ({mode}).
 
+  Start here:                     {platform.url}/
   Demo page (chat with the bot):  {platform.url}/demo/{platform.demo.get("public_key", "?")}
+  Agent inbox:                    {platform.url}/inbox  (sign in with the admin key below)
+  API reference:                  {platform.url}/api/docs
+  Admin API key:                  in {platform.data_dir / "demo.json"} (admin_api_key)
   Embed snippet:                  {platform.demo.get("snippet", "")}
   Health / metrics:               {platform.url}/readyz  {platform.url}/metrics
   WhatsApp channels:              .venv/bin/gateway-admin channels --help  (docs/channels.md)
