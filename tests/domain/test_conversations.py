@@ -21,7 +21,7 @@ from chat_domain import (
     messages_since,
     recent_messages,
     set_conversation_status,
-    set_message_external_id,
+    set_provider_id,
     update_delivery_status,
     update_delivery_status_by_external_id,
 )
@@ -263,9 +263,9 @@ async def test_status_by_external_id(
                 session, conversation_id=conversation.id, role="assistant", text="t"
             )
         ).message
-        assert await set_message_external_id(session, message.id, "wamid.out")
-        assert await set_message_external_id(session, message.id, "wamid.out")  # idempotent
-        assert not await set_message_external_id(session, message.id, "wamid.other")
+        assert await set_provider_id(session, message.id, "wamid.out")
+        assert await set_provider_id(session, message.id, "wamid.out")  # idempotent
+        assert not await set_provider_id(session, message.id, "wamid.other")
         assert await update_delivery_status_by_external_id(
             session, channel_id=world.channel.id, external_id="wamid.out", status="delivered"
         )

@@ -93,7 +93,7 @@ async def test_a_sent_reply_records_its_id_and_is_never_sent_again(
     process = _processor(rt, sender)
     assert await process(_job(rt.pipeline.whatsapp_cloud, out)) == "sent"
     stored = await _status(rt, out["message_id"])
-    assert stored.status == "sent" and stored.external_id == "wamid.1"
+    assert stored.status == "sent" and stored.provider_id == "wamid.1"
     assert await process(_job(rt.pipeline.whatsapp_cloud, out)) == "already-sent"
     assert len(sender.sent) == 1
     await process.close()
@@ -248,7 +248,7 @@ async def test_a_long_reply_failing_midway_resumes_after_the_parts_that_went_out
     sender.outcomes = [midway]
     with pytest.raises(RetryableSendError):
         await process(_job(rt.pipeline.whatsapp_cloud, out))
-    assert (await _status(rt, out["message_id"])).external_id == "wamid.p0"
+    assert (await _status(rt, out["message_id"])).provider_id == "wamid.p0"
     seen: list[int] = []
 
     async def record(message: OutboundText) -> SendResult:

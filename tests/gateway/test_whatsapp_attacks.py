@@ -30,7 +30,7 @@ from chat_domain import (
     insert_message,
     messages_since,
     set_channel_active,
-    set_message_external_id,
+    set_provider_id,
 )
 from chat_pipeline import Runtime
 from chat_pipeline.channels.base import ChannelFatalError, OutboundText, SendResult
@@ -202,7 +202,7 @@ async def _our_reply(rt: Runtime, ch: dict[str, Any], external_id: str | None) -
             await insert_message(s, conversation_id=conversation.id, role="assistant", text="hi")
         ).message
         if external_id is not None:
-            await set_message_external_id(s, reply.id, external_id)
+            await set_provider_id(s, reply.id, external_id)
     return reply.id
 
 
@@ -270,7 +270,7 @@ async def test_a_status_cannot_touch_another_tenants_message(
         assert r.status == 200
     async with rt.sessions() as s:
         stored = await get_message(s, target)
-    assert stored is not None and stored.status == "queued" and stored.external_id == "wamid.victim"
+    assert stored is not None and stored.status == "queued" and stored.provider_id == "wamid.victim"
 
 
 # --- Cloud: hostile and odd bodies ------------------------------------------------------------
@@ -472,7 +472,11 @@ async def test_nul_characters_in_a_message_do_not_poison_the_webhook(
         async with rt.sessions() as s:
             assert (await get_message(s, reply)).status == "failed"  # type: ignore[union-attr]
         stored = await _user_messages(rt, ch)
-        assert [m.external_id for m in stored] == ["wamid.nul", "wamid.nul2", "wamid.out"]
+        assert [m.external_id or m.provider_id for m in stored] == [
+            "wamid.nul",
+            "wamid.nul2",
+            "wamid.out",
+        ]
         assert "\u0000" not in stored[0].text and stored[0].text.startswith("hi")
     finally:
         await rt.redis.flushdb()

@@ -22,7 +22,7 @@ from chat_domain import (
     get_or_create_conversation,
     insert_message,
     messages_since,
-    set_message_external_id,
+    set_provider_id,
 )
 from chat_pipeline import Runtime
 from chat_pipeline.send import ChannelGate
@@ -89,7 +89,7 @@ async def _reply(rt: Runtime, ch: dict[str, Any], external_id: str, key: str) ->
         reply = (
             await insert_message(s, conversation_id=conversation.id, role="assistant", text="hi")
         ).message
-        await set_message_external_id(s, reply.id, key)
+        await set_provider_id(s, reply.id, key)
     return reply.id
 
 

@@ -271,7 +271,7 @@ async def test_statuses_move_forward_and_find_a_send_that_never_learned_its_wami
         assert r.status == 200
     async with rt.sessions() as s:
         final = await get_message(s, reply.id)
-    assert final is not None and final.status == "read" and final.external_id == "wamid.out"
+    assert final is not None and final.status == "read" and final.provider_id == "wamid.out"
     # later statuses by the wamid alone
     r = await _post(client, cloud["channel"], _status(number, "wamid.out", "delivered"))
     assert r.status == 200

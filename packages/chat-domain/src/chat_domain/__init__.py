@@ -63,6 +63,7 @@ from chat_domain.conversations import (
     recent_messages,
     set_conversation_status,
     set_message_external_id,
+    set_provider_id,
     update_delivery_status,
     update_delivery_status_by_external_id,
 )
@@ -243,6 +244,7 @@ __all__ = [
     "set_chatbot_secrets",
     "set_conversation_status",
     "set_message_external_id",
+    "set_provider_id",
     "set_retention_days",
     "set_tenant_status",
     "set_webhook_endpoint_enabled",

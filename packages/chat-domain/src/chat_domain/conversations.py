@@ -86,6 +86,7 @@ class MessageView:
     reply_id: uuid.UUID | None = None  # (user messages) the reply that answered it
     requeues: int = 0
     attachment: dict[str, Any] | None = None  # media / button / location reference
+    provider_id: str | None = None  # (outgoing) the channel's id for it
 
     @classmethod
     def of(cls, row: Message) -> MessageView:
@@ -106,6 +107,7 @@ class MessageView:
             reply_id=row.reply_id,
             requeues=row.requeues or 0,
             attachment=row.attachment,
+            provider_id=row.provider_id,
         )
 
 
@@ -444,15 +446,35 @@ async def update_delivery_status_by_external_id(
     error_text: str | None = None,
     now: datetime | None = None,
 ) -> bool:
-    """``update_delivery_status`` for a channel status callback (e.g. WhatsApp ``wamid``)."""
+    """``update_delivery_status`` for a channel status callback, by the id the channel gave our
+    message (a WhatsApp ``wamid``, a QR service's key id); never a user's message."""
     return await _advance_status(
         session,
-        [Message.channel_id == channel_id, Message.external_id == external_id],
+        [
+            Message.channel_id == channel_id,
+            Message.provider_id == external_id,
+            Message.role != "user",
+        ],
         status,
         error_code=error_code,
         error_text=error_text,
         now=now,
     )
+
+
+async def set_provider_id(session: AsyncSession, message_id: uuid.UUID, provider_id: str) -> bool:
+    """Record the id the channel gave an outgoing message (once: never replaces another id)."""
+    result = await session.execute(
+        update(Message)
+        .where(
+            Message.id == message_id,
+            or_(Message.provider_id.is_(None), Message.provider_id == provider_id),
+        )
+        .values(provider_id=provider_id)
+        .returning(Message.id)
+        .execution_options(synchronize_session=False)
+    )
+    return result.first() is not None
 
 
 async def set_message_external_id(

@@ -64,6 +64,8 @@ class OutgoingMessage(Payload):
     channel_kind: ChannelKind
     recipient_external_id: str = Field(min_length=1, max_length=200)
     text: str
+    # the channel's id of the message this reply quotes (WhatsApp shows it above the reply)
+    reply_to_external_id: str | None = Field(default=None, max_length=200)
 
 
 class WebhookEventJob(Payload):

@@ -22,7 +22,7 @@ from chat_domain import (
     get_or_create_conversation,
     get_queue_priority,
     insert_message,
-    set_message_external_id,
+    set_provider_id,
     update_delivery_status,
     update_delivery_status_by_external_id,
 )
@@ -144,7 +144,7 @@ async def apply_status(rt: Runtime, channel_id: uuid.UUID, update: StatusUpdate)
         if ours is not None:
             message = await get_message(session, ours)
             if message is not None and message.channel_id == channel_id and message.role != "user":
-                await set_message_external_id(session, ours, update.external_message_id)
+                await set_provider_id(session, ours, update.external_message_id)
                 return await update_delivery_status(
                     session,
                     ours,

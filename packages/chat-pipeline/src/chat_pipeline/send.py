@@ -26,7 +26,7 @@ from chat_domain import (
     get_channel,
     get_channel_secrets,
     get_message,
-    set_message_external_id,
+    set_provider_id,
     update_delivery_status,
 )
 from chat_domain.payloads import OutgoingMessage
@@ -339,6 +339,7 @@ class SendProcessor:
                     recipient=out.recipient_external_id,
                     text=out.text,
                     skip_parts=done,
+                    reply_to_external_id=out.reply_to_external_id,
                 )
             )
         except SendError as exc:
@@ -394,7 +395,7 @@ class SendProcessor:
         async with self.rt.sessions() as session, session.begin():
             if external_ids:
                 # status webhooks name the first part's id; later parts follow it
-                await set_message_external_id(session, out.message_id, external_ids[0])
+                await set_provider_id(session, out.message_id, external_ids[0])
             if status == "sent":
                 await update_delivery_status(session, out.message_id, "sent")
 

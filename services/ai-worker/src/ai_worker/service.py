@@ -298,9 +298,13 @@ class AnswerProcessor:
         # and dropped it. A crash between commit and queueing reruns this job, which finds
         # the stored reply and hands it on (the "resent" path).
         if ctx.routable:
+            # on WhatsApp the reply quotes the newest question it answers (the widget shows
+            # replies in order instead)
+            quoted = ctx.pending[-1].external_id if ctx.channel_kind != "widget" else None
             await self._enqueue_outgoing(
-                req, result.message, ctx.channel_id, ctx.channel_kind, ctx.recipient, ctx.plan
-            )
+                req, result.message, ctx.channel_id, ctx.channel_kind, ctx.recipient, ctx.plan,
+                reply_to=quoted,
+            )  # fmt: skip
         if completion is not None and completion.model != "offline":
             rt.usage.record(
                 req.tenant_id,
@@ -343,6 +347,7 @@ class AnswerProcessor:
         channel_kind: ChannelKind,
         recipient: str,
         plan: QueuePriority,
+        reply_to: str | None = None,
     ) -> None:
         await self.rt.pipeline.enqueue_outgoing(
             OutgoingMessage(
@@ -353,6 +358,7 @@ class AnswerProcessor:
                 channel_kind=channel_kind,
                 recipient_external_id=recipient,
                 text=message.text,
+                reply_to_external_id=reply_to,
             ),
             plan,
         )

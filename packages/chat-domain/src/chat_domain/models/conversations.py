@@ -80,6 +80,7 @@ class Conversation(UUIDPrimaryKey, CreatedAt, Base):
 
 _UNANSWERED = text("role = 'user' AND reply_id IS NULL")
 _QUEUED = text("status = 'queued'")
+_HAS_PROVIDER_ID = text("provider_id IS NOT NULL")
 
 
 class Message(UUIDPrimaryKey, CreatedAt, Base):
@@ -120,6 +121,15 @@ class Message(UUIDPrimaryKey, CreatedAt, Base):
             sqlite_where=_QUEUED,
             postgresql_where=_QUEUED,
         ),
+        # status callbacks find an outgoing message by the id its channel gave it
+        Index(
+            "uq_messages_channel_provider_id",
+            "channel_id",
+            "provider_id",
+            unique=True,
+            sqlite_where=_HAS_PROVIDER_ID,
+            postgresql_where=_HAS_PROVIDER_ID,
+        ),
     )
 
     tenant_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
@@ -140,5 +150,8 @@ class Message(UUIDPrimaryKey, CreatedAt, Base):
     # what a non-text message carried, as the channel described it (media id and type, the
     # button's id, a location): a reference, never the bytes
     attachment: Mapped[dict[str, Any] | None] = mapped_column(default=None)
+    # (outgoing) the id the channel gave it (wamid, a QR service's key id); `external_id` stays
+    # our own key (`ai:…`, `agent:…`), which makes storing a reply idempotent
+    provider_id: Mapped[str | None] = mapped_column(String(200), default=None)
 
     conversation: Mapped[Conversation] = relationship(lazy="raise")
