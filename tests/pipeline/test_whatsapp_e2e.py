@@ -498,7 +498,14 @@ async def test_an_expired_token_stops_the_channel_until_it_is_replaced(
         jobs = [await send_job(wa_platform, "whatsapp-cloud-send", m.id) for m in waiting]
         return waiting if all(state == JobState.DELAYED for _, state in jobs) else None
 
-    waiting = await until(three_parked, "three replies parked on the stopped channel")
+    # the operator looks meanwhile; the token is replaced within seconds of the failure, while
+    # the channel service may still hold the old settings (cached briefly)
+    waiting, listed = await asyncio.gather(
+        until(three_parked, "three replies parked on the stopped channel"),
+        admin(wa_platform, "channels", "list"),
+    )
+    row = next(r for r in listed if r["id"] == str(cloud.id))
+    assert row["sending"] == "stopped" and row["stopped_because"]["code"] == "190"
     for message in waiting:
         assert message.status == "queued", message
         job, _ = await send_job(wa_platform, "whatsapp-cloud-send", message.id)
@@ -506,9 +513,6 @@ async def test_an_expired_token_stops_the_channel_until_it_is_replaced(
     assert graph.sent(cloud.number) == []
     assert len(graph.send_requests(f"/{cloud.number}/messages")) == 1, "one refused call"
 
-    listed = await admin(wa_platform, "channels", "list")
-    row = next(r for r in listed if r["id"] == str(cloud.id))
-    assert row["sending"] == "stopped" and row["stopped_because"]["code"] == "190"
     updated = await admin(wa_platform, "channels", "update", str(cloud.id), "--access-token", TOKEN)
     assert updated["sending"] == "ok"
 
