@@ -168,6 +168,11 @@ async def until(
         raise AssertionError(f"{what}: not within {timeout}s (last: {last!r})") from None
 
 
+async def _async(value: T) -> T:
+    """``value`` as an awaitable, for ``until`` over a synchronous probe."""
+    return value
+
+
 @asynccontextmanager
 async def _sessions(platform: Platform) -> AsyncIterator[Any]:
     engine = create_engine(platform.database_url)
@@ -350,10 +355,6 @@ async def test_cloud_message_is_answered_and_its_statuses_arrive(
     await until(lambda: reply_status("read"), "the reply read")
     question = (await stored(wa_platform, cloud.id, user))[0]
     assert (question.role, question.external_id, question.reply_id) == ("user", wamid, reply.id)
-
-
-async def _async(value: T) -> T:
-    return value
 
 
 async def test_a_bad_signature_is_refused_and_nothing_is_stored(
