@@ -10,10 +10,12 @@ from typing import Any
 import pytest
 
 from chat_domain import (
+    WhatsAppCloudSecrets,
     get_message,
     get_or_create_contact,
     get_or_create_conversation,
     insert_message,
+    update_channel,
     update_delivery_status,
 )
 from chat_domain.payloads import OutgoingMessage
@@ -191,6 +193,38 @@ async def test_a_channel_fatal_error_opens_the_circuit_until_the_channel_is_fixe
     assert await process(_job(rt.pipeline.whatsapp_cloud, second)) == "sent"
     assert await process(_job(rt.pipeline.whatsapp_cloud, first)) == "sent"
     assert not (await process.gate.state(t["wa"])).open
+
+
+async def test_after_a_channel_fatal_error_the_next_send_reads_the_channel_settings_again(
+    rt: Runtime,
+) -> None:
+    """The operator replaces the expired token and the waiting replies start at once: they
+    must go out with the new token, not with the settings cached (a few seconds) before the
+    failure, or they meet the old token's error again and wait a whole probe interval."""
+    t = await _tenant(rt)
+    built: list[str] = []
+
+    def make(channel: Any, secrets: Any, runtime: Runtime) -> ScriptedSender:
+        built.append(secrets.access_token)
+        sender = ScriptedSender()
+        if secrets.access_token == "t":  # the channel's first, expired token
+            sender.outcomes = [ChannelFatalError("token expired", code="190")]
+        return sender
+
+    process = SendProcessor(rt, make)
+    first = await _reply(rt, t, "one")
+    with pytest.raises(DelayJob):
+        await process(_job(rt.pipeline.whatsapp_cloud, first))
+    async with rt.sessions() as s, s.begin():
+        await update_channel(
+            s,
+            rt.box,
+            t["wa"],
+            secrets=WhatsAppCloudSecrets(access_token="new", app_secret="a", verify_token="v"),
+        )
+    await process.gate.resume(t["wa"], rt.pipeline.whatsapp_cloud)  # what the update does
+    assert await process(_job(rt.pipeline.whatsapp_cloud, first)) == "sent"
+    assert built == ["t", "new"]
 
 
 async def test_a_channel_that_works_again_starts_its_waiting_messages_at_once(

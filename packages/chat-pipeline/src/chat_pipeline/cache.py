@@ -33,3 +33,7 @@ class TTLCache(Generic[K, V]):
             self._entries.clear()  # crude but bounded; entries are cheap to reload
         self._entries[key] = (now + self.ttl, value)
         return value
+
+    def forget(self, key: K) -> None:
+        """The next ``get`` of ``key`` loads it again (the caller knows it went stale)."""
+        self._entries.pop(key, None)

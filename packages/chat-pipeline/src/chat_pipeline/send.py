@@ -367,6 +367,10 @@ class SendProcessor:
             await self.gate.hold(out.channel_id, ms)
             raise DelayJob(ms) from exc
         if isinstance(exc, ChannelFatalError):
+            # the fix is new settings (a token, a service address): whoever resumes the channel
+            # after `channels update` must not meet these cached ones again, or its messages
+            # fail as before and wait a whole probe interval
+            self._channels.forget(out.channel_id)
             await self.gate.open(out.channel_id, exc.code, str(exc))
             log.error(
                 "channel %s stopped sending (%s): its messages wait until it is fixed",
