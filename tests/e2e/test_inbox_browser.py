@@ -9,7 +9,7 @@ import uuid
 
 import aiohttp
 import pytest
-from playwright.async_api import BrowserContext, Locator, Page, expect
+from playwright.async_api import BrowserContext, Locator, Page, Route, expect
 
 from devstack.platform import Platform
 from tests.e2e.conftest import PageLog
@@ -106,10 +106,27 @@ async def test_an_agent_takes_over_replies_and_hands_back_live(
     assert await text_of(question) == markup, "shown as text"
     assert await inbox.transcript.locator("b, i").count() == 0
 
-    # The reply goes out through the pipeline to the visitor's widget; its ticks follow.
+    # The reply goes out through the pipeline to the visitor's widget; its ticks follow. The
+    # first POST's answer is lost on the way back: the inbox retries with the same client id,
+    # and the gateway stores and sends it once.
+    client_ids: list[str] = []
+
+    async def lose_the_first_answer(route: Route) -> None:
+        client_ids.append(route.request.post_data_json["client_message_id"])
+        response = await route.fetch()
+        if len(client_ids) == 1:
+            await route.abort("connectionreset")
+        else:
+            await route.fulfill(response=response)
+
+    replies_url = re.compile(r"/api/v1/conversations/[^/]+/messages$")
+    await agent_page.route(replies_url, lose_the_first_answer)
     await inbox.reply.fill("Hi, Ana here. Yes, every Tuesday.")
     await inbox.reply.press("Enter")
     await expect(inbox.reply).to_have_value("")
+    await agent_page.unroute(replies_url)
+    assert len(client_ids) == 2 and client_ids[0] == client_ids[1]
+    assert re.fullmatch(r"[0-9a-f]{32}", client_ids[0])
     agent_said = page.locator('[data-chat-widget] .msg[data-role="agent"] .text')
     await expect(agent_said).to_have_text(
         ["Hi, Ana here. Yes, every Tuesday."], timeout=PIPELINE_MS
@@ -119,6 +136,7 @@ async def test_an_agent_takes_over_replies_and_hands_back_live(
     await expect(mine.locator(".tick")).to_have_attribute("data-status", "delivered", timeout=5_000)
     await expect(mine.locator(".tick")).to_contain_text("\u2713\u2713")
     assert await widget.replies.count() == 1, "the bot did not answer while a human had it"
+    assert await agent_said.count() == 1, "the retried reply went out once"
 
     # Handed back: the bot answers the next question again, in the widget and in the inbox.
     await inbox.hand_back.click()
