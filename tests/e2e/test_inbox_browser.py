@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import re
 import uuid
+from collections.abc import Awaitable, Callable
 
 import aiohttp
 import pytest
@@ -188,7 +189,31 @@ async def test_the_inbox_is_one_column_on_a_phone(
     await expect(inbox.transcript).to_be_visible()
     box = await inbox.transcript.bounding_box()
     assert box is not None and box["width"] <= 390
+
+    # A failing poll says so and backs off; the next good one clears it.
+    polls = re.compile(r"/api/v1/conversations/[0-9a-f-]+\?after_seq=")
+    await phone.route(polls, _answer(503, "unavailable", "the service is briefly unavailable"))
+    trouble = phone.locator("#conv-error")
+    await expect(trouble).to_contain_text("Updates paused (the service is briefly unavailable)")
+    await phone.unroute(polls)
+    await expect(trouble).to_be_empty(timeout=5_000)
+
     await phone.keyboard.press("Escape")
     await expect(first).to_be_visible()
     await expect(first).to_be_focused()
+
+    # A key the API stops accepting signs the page out and forgets the key.
+    revoked = "this API key is not valid or was revoked"
+    await phone.route(re.compile(r"/api/v1/"), _answer(401, "unauthorized", revoked))
+    await expect(inbox.signin_error).to_have_text(f"Signed out: {revoked}")
+    await expect(inbox.key).to_be_focused()
+    assert await phone.evaluate("() => sessionStorage.length") == 0
     assert not page_log.errors
+
+
+def _answer(status: int, code: str, message: str) -> Callable[[Route], Awaitable[None]]:
+    async def answer(route: Route) -> None:
+        error = {"code": code, "message": message, "field": None}
+        await route.fulfill(status=status, json={"error": error})
+
+    return answer
