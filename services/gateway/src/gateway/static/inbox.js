@@ -222,7 +222,7 @@
     } catch (e) { /* storage off: the key lasts as long as the page */ }
   }
 
-  function signIn(key, quiet) {
+  function signIn(key) {
     return api("GET", "/me", undefined, key).then(function (me) {
       state.key = key;
       state.session += 1;
@@ -239,8 +239,10 @@
       listLoop.start();
       el.search.focus();
     }, function (err) {
-      storeKey(null);
-      showSignIn(quiet ? "" : err.message);
+      // A key the API refused is forgotten; one it could not check (gateway unreachable or
+      // restarting) is kept, so reloading the page tries it again.
+      if (!retriable(err)) storeKey(null);
+      showSignIn(err.message);
     });
   }
 
@@ -284,7 +286,7 @@
       return;
     }
     el.signinError.textContent = "";
-    signIn(key, false);
+    signIn(key);
   });
   el.signout.addEventListener("click", function () { signOut(""); });
 
@@ -484,7 +486,7 @@
     if (!conv) return undefined;
     var pages = 0;
     function fetchFrom(after) {
-      var limit = conv.loaded ? MAX_PAGE : 100;
+      var limit = MAX_PAGE;
       return api("GET", "/conversations/" + encodeURIComponent(conv.id) + "?after_seq=" + after + "&limit=" + limit)
         .then(function (data) {
           if (state.conv !== conv) return undefined;
@@ -762,6 +764,6 @@
   // -- start --------------------------------------------------------------------------------
 
   var saved = storedKey();
-  if (saved) signIn(saved, true);
+  if (saved) signIn(saved);
   else showSignIn("");
 })();
