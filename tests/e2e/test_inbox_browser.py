@@ -208,6 +208,7 @@ async def test_the_inbox_is_one_column_on_a_phone(
     await expect(inbox.signin_error).to_have_text(f"Signed out: {revoked}")
     await expect(inbox.key).to_be_focused()
     assert await phone.evaluate("() => sessionStorage.length") == 0
+    await phone.unroute_all(behavior="wait")  # (no route handler outlives the test)
     assert not page_log.errors
 
 
