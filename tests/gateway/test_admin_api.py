@@ -4,6 +4,7 @@ test."""
 
 from __future__ import annotations
 
+import base64
 import re
 import uuid
 from collections.abc import AsyncIterator
@@ -466,3 +467,31 @@ async def test_each_route_validates_with_the_model_it_documents(
         )
         checked += 1
     assert checked >= 8
+
+
+async def test_conversation_times_with_or_without_a_zone_are_a_2xx_or_a_400(
+    client: Client, world: World
+) -> None:
+    """`since` reached the UTC column type as a naive datetime, which it refuses: every `since`
+    answered 500. A cursor with a naive time (not one this API gives) did too."""
+    h = _auth(world.a.agent)
+    mine = str(world.a.conversation)
+    for since in ("2000-01-01T00:00:00Z", "2000-01-01T02:00:00+02:00", "2000-01-01T00:00:00"):
+        resp = await client.get("/api/v1/conversations", params={"since": since}, headers=h)
+        assert resp.status == 200, await resp.text()
+        assert mine in {c["id"] for c in (await resp.json())["items"]}
+    later = await client.get(
+        "/api/v1/conversations", params={"since": "2999-01-01T00:00:00Z"}, headers=h
+    )
+    assert later.status == 200 and (await later.json())["items"] == []
+    naive = base64.urlsafe_b64encode(f"2999-01-01T00:00:00|{uuid.uuid4()}".encode()).decode()
+    resp = await client.get("/api/v1/conversations", params={"cursor": naive}, headers=h)
+    assert resp.status == 400 and (await resp.json())["error"]["field"] == "cursor"
+
+
+async def test_an_agent_reply_with_a_nul_character_is_a_400(client: Client, world: World) -> None:
+    """PostgreSQL cannot store NUL in text: the reply was a 500 there (SQLite took it). The
+    widget refuses it the same way."""
+    url = f"/api/v1/conversations/{world.a.conversation}/messages"
+    resp = await client.post(url, headers=_auth(world.a.agent), json={"text": "on\x00its way"})
+    assert resp.status == 400 and (await resp.json())["error"]["field"] == "text"

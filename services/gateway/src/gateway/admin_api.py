@@ -740,7 +740,10 @@ def _parse_cursor(raw: str) -> tuple[datetime, uuid.UUID]:
     try:
         decoded = base64.urlsafe_b64decode(raw + "=" * (-len(raw) % 4)).decode()
         at, _, ident = decoded.partition("|")
-        return datetime.fromisoformat(at), uuid.UUID(ident)
+        when = datetime.fromisoformat(at)
+        if when.tzinfo is None:  # (ours carry UTC's offset; the column refuses naive times)
+            raise ValueError(at)
+        return when, uuid.UUID(ident)
     except (ValueError, binascii.Error, UnicodeDecodeError):
         raise ApiError(400, "invalid", "cursor is not one this API gave", "cursor") from None
 
@@ -778,8 +781,8 @@ async def conversations_list(request: web.Request, ctx: Ctx) -> web.Response:
             since = datetime.fromisoformat(since_raw)
         except ValueError:
             raise ApiError(400, "invalid", "since must be an ISO 8601 time", "since") from None
-        if since.tzinfo is not None:
-            since = since.astimezone(UTC).replace(tzinfo=None)
+        # the column type takes aware times only; a time without a zone is read as UTC
+        since = since.replace(tzinfo=UTC) if since.tzinfo is None else since.astimezone(UTC)
     cursor = request.query.get("cursor")
     q = request.query.get("q") or None
     if q is not None and len(q) > 200:
@@ -895,6 +898,8 @@ async def conversations_reply(request: web.Request, ctx: Ctx) -> web.Response:
     agent answering takes the conversation over (the bot stops answering it)."""
     conversation = await _own_conversation(ctx, _path_id(request, "conversation_id"))
     body = await _body(request, AgentReplyIn)
+    if "\x00" in body.text:  # PostgreSQL cannot store it (the widget refuses it too)
+        raise ApiError(400, "invalid", "text must not contain NUL characters", "text")
     if conversation.status == "resolved":
         raise ApiError(409, "resolved", "the conversation is resolved", "conversation_id")
     client_id = body.client_message_id or uuid.uuid4().hex

@@ -203,6 +203,29 @@ async def landing_page(request: web.Request) -> web.Response:
     return web.Response(text=page, content_type="text/html")
 
 
+# The inbox holds an API key: this origin's script and API only, never inside a frame, and no
+# form may submit anywhere (a sign-in form posted without its script would carry the key).
+INBOX_HEADERS = {
+    "Content-Security-Policy": "default-src 'none'; script-src 'self'; connect-src 'self'; "
+    "style-src 'unsafe-inline'; img-src 'self'; base-uri 'none'; form-action 'none'; "
+    "frame-ancestors 'none'",
+    "Referrer-Policy": "no-referrer",
+    "X-Content-Type-Options": "nosniff",
+    "Cache-Control": "no-cache",
+}
+
+
+async def inbox_page(request: web.Request) -> web.Response:
+    """The agent inbox (static; it signs in to /api/v1 with a key the agent pastes)."""
+    page = (_STATIC / "inbox.html").read_text(encoding="utf-8")
+    return web.Response(text=page, content_type="text/html", headers=INBOX_HEADERS)
+
+
+async def inbox_js(request: web.Request) -> web.Response:
+    body = (_STATIC / "inbox.js").read_text(encoding="utf-8")
+    return web.Response(text=body, content_type="application/javascript", headers=INBOX_HEADERS)
+
+
 async def api_index(request: web.Request) -> web.Response:
     """The admin API's routes with the least role each needs: a reference to read and to test."""
     return web.json_response(
@@ -251,6 +274,8 @@ def create_app(settings: PipelineSettings) -> web.Application:
             web.get("/widget.js", widget_js),
             web.get("/demo/{public_key}", demo_page),
             web.get("/", landing_page),
+            web.get("/inbox", inbox_page),
+            web.get("/inbox.js", inbox_js),
             web.get(admin_api.PREFIX, api_index),
             web.get("/openapi.json", openapi_json),
             web.get("/api/docs", api_docs),

@@ -201,6 +201,10 @@ def _public_operations(components: dict[str, Any]) -> dict[str, dict[str, Any]]:
         admin_api.PREFIX: {"get": _op("The admin API's routes and roles", "admin", {"200": ok})},
         "/openapi.json": {"get": _op("This document", "operations", {"200": ok})},
         "/api/docs": {"get": _op("This document, to read", "pages", html)},
+        "/inbox": {
+            "get": _op("The agent inbox (sign in with an agent or admin key)", "pages", html)
+        },
+        "/inbox.js": {"get": _op("The inbox's script", "pages", {"200": {"description": "JS"}})},
     }
 
 
