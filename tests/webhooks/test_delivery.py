@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
+import sys
 import uuid
 
 from aiohttp import web
@@ -15,6 +18,7 @@ from chat_domain import (
     replay_dispatch,
 )
 from chat_pipeline.webhooks import enqueue_dispatches
+from devstack import RedisServer
 from tests.webhooks.conftest import Harness, Receiver, until
 from tests.webhooks.test_signing_and_ssrf import reference_verify
 
@@ -192,3 +196,59 @@ async def test_the_relay_leaves_a_dispatch_with_a_live_job_alone(
         task = await load_delivery(s, harness.box, ref.event_id, ref.endpoint_id)
     assert task is not None and task.generation == 0
     assert await harness.queue.get_state(ref.job_id) == "waiting"
+
+
+async def test_a_worker_killed_mid_flight_loses_nothing(
+    harness: Harness, receiver: Receiver, wh_redis: RedisServer, wh_db: str, wh_key: str
+) -> None:
+    """The service process is SIGKILLed while its request hangs at the receiver; the job's
+    lease runs out and another worker delivers. The receiver sees the webhook-id twice."""
+    arrived, release = asyncio.Event(), asyncio.Event()
+
+    async def hang_first(n: int) -> web.Response:
+        if n == 1:
+            arrived.set()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(30):
+                    await release.wait()
+        return web.Response(status=200)
+
+    receiver.behaviour["/kill"] = hang_first
+    tenant = await harness.tenant()
+    endpoint, _ = await harness.endpoint(tenant, receiver.url("/kill"))
+    env = {
+        **os.environ,
+        "REDIS_URL": wh_redis.url,
+        "DATABASE_URL": wh_db.replace("+aiosqlite", ""),
+        "PLATFORM_SECRET_KEY": wh_key,
+        "WEBHOOK_ALLOW_PRIVATE_NETWORKS": "127.0.0.0/8",
+        "WEBHOOK_TIMEOUT_S": "0.5",
+        "WEBHOOK_LOCK_MS": "1000",
+        "QUEUE_STALLED_INTERVAL_MS": "300",  # (the first sweeper's interval throttles all)
+        "LOG_LEVEL": "WARNING",
+    }
+    service = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "webhook_delivery", env=env,
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        event = (await harness.emit(tenant, {"n": 1})).event
+        async with asyncio.timeout(20):
+            await arrived.wait()
+        service.kill()  # SIGKILL: no shutdown, the lease is left to expire
+        await service.wait()
+        release.set()
+    finally:
+        if service.returncode is None:
+            service.kill()
+            await service.wait()
+    assert await _status(harness, event.id, endpoint) == "pending"
+    harness.start_worker()
+
+    async def delivered() -> bool:
+        return await _status(harness, event.id, endpoint) == "delivered"
+
+    await until(delivered, timeout=10)
+    hits = receiver.at("/kill")
+    assert len(hits) == 2 and hits[0].headers["webhook-id"] == hits[1].headers["webhook-id"]
+    assert await _attempts(harness, event.id) == [200]
