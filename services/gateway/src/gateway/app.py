@@ -18,7 +18,7 @@ from chat_pipeline.processors import schedule_maintenance, start_workers
 from chat_pipeline.reconcile import Reconciler
 from chat_pipeline.send import ChannelGate
 from chat_pipeline.supervision import WorkerSet, first_of
-from gateway import admin_api, openapi, whatsapp, widget
+from gateway import admin_api, openapi, webhooks_api, whatsapp, widget  # noqa: F401 (webhooks_api: routes)
 from gateway.errors import ApiError, error_middleware
 from gateway.keys import hub_key, runtime_key
 from gateway.live_hub import LiveHub

@@ -6,7 +6,12 @@ from chat_domain.models.conversations import Contact, Conversation, Message
 from chat_domain.models.kb import KbChunk, KbDocument
 from chat_domain.models.tenancy import ApiKey, Plan, Tenant
 from chat_domain.models.usage import UsageEvent, UsageMonthly
-from chat_domain.models.webhooks import WebhookDelivery, WebhookEndpoint, WebhookEvent
+from chat_domain.models.webhooks import (
+    WebhookDelivery,
+    WebhookDispatch,
+    WebhookEndpoint,
+    WebhookEvent,
+)
 
 __all__ = [
     "ApiKey",
@@ -24,6 +29,7 @@ __all__ = [
     "UsageEvent",
     "UsageMonthly",
     "WebhookDelivery",
+    "WebhookDispatch",
     "WebhookEndpoint",
     "WebhookEvent",
     "utcnow",
