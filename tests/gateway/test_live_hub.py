@@ -354,3 +354,37 @@ async def test_an_unsigned_chatbot_refuses_a_made_up_visitor_id_on_the_socket(
     r = await client.get(f"/v1/widget/{bots.plain}/ws?visitor_id=customer-42")
     assert r.status == 400
     assert (await r.json())["error"]["field"] == "visitor_id"
+
+
+async def test_closing_the_hub_ends_even_when_a_cancel_is_swallowed(
+    gateway_redis: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Python 3.11's asyncio.timeout can turn a cancel that lands as redis-py's read times out
+    into a TimeoutError: the hub's loop took it for a Redis hiccup and went on, and the
+    gateway's shutdown hung for good (seen as 60 s test teardowns). The read is made to
+    swallow every cancel here; close must still end, promptly."""
+    from redis.asyncio.client import PubSub
+
+    from gateway.live_hub import LiveHub
+
+    async def stubborn_get_message(self: Any, **kwargs: Any) -> None:
+        try:
+            await asyncio.sleep(0.05)
+        except asyncio.CancelledError:
+            return None  # the cancel is lost, as in the race
+        return None
+
+    monkeypatch.setattr(PubSub, "get_message", stubborn_get_message)
+    redis = connect(gateway_redis.url)
+    hub = LiveHub(redis, max_per_ip=5, send_queue=8, send_timeout=5.0)
+    try:
+        await hub.start()
+        await _until(lambda: _true(hub._ready), 5, "the hub subscribed")
+        async with asyncio.timeout(3):
+            await hub.close()
+    finally:
+        await redis.aclose()
+
+
+async def _true(value: object) -> bool:
+    return bool(value)

@@ -209,6 +209,12 @@ async def test_drain_clean_and_remove(redis: RedisClient, queue_name: str) -> No
 
     done = [await q.add("x", i) for i in range(4)]
     await _run_all(q, 4)
+
+    # (in CI the third job was not yet in `completed` when clean ran: wait for all four)
+    async def all_completed() -> bool:
+        return (await q.get_job_counts())["completed"] == 4
+
+    await wait_for(all_completed)
     assert await q.clean(60_000, JobState.COMPLETED) == [], "grace protects recent jobs"
     assert sorted(await q.clean(0, JobState.COMPLETED, limit=3)) == sorted(j.id for j in done[:3])
     assert await q.get_job(done[0].id) is None

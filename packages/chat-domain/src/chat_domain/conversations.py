@@ -341,6 +341,15 @@ async def get_message_by_external_id(
     return None if row is None else MessageView.of(row)
 
 
+async def get_message_by_provider_id(
+    session: AsyncSession, *, channel_id: uuid.UUID, provider_id: str
+) -> MessageView | None:
+    row = await session.scalar(
+        select(Message).where(Message.channel_id == channel_id, Message.provider_id == provider_id)
+    )
+    return None if row is None else MessageView.of(row)
+
+
 async def get_message(session: AsyncSession, message_id: uuid.UUID) -> MessageView | None:
     row = await session.get(Message, message_id)
     return None if row is None else MessageView.of(row)

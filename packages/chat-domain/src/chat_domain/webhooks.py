@@ -163,6 +163,16 @@ async def endpoints_for_event(
     return [view for view in views if view.subscribes_to(event_type)]
 
 
+async def wanted_event_types(session: AsyncSession, tenant_id: uuid.UUID) -> frozenset[str]:
+    """The event types the tenant's enabled endpoints subscribe to (``*``: all of them)."""
+    rows = await session.scalars(
+        select(WebhookEndpoint.event_types).where(
+            WebhookEndpoint.tenant_id == tenant_id, WebhookEndpoint.enabled.is_(True)
+        )
+    )
+    return frozenset(t for types in rows for t in types)
+
+
 async def set_webhook_endpoint_enabled(
     session: AsyncSession, endpoint_id: uuid.UUID, enabled: bool, *, reason: str | None = None
 ) -> None:

@@ -24,8 +24,10 @@ from chat_domain import (
 )
 from chat_domain.payloads import AIRequest, IncomingMessage, OutgoingMessage
 from chat_domain.types import DELIVERY_STATUS_RANK
+from chat_domain.webhooks import DispatchRef
 from chat_pipeline.consumer import pipeline_worker
 from chat_pipeline.errors import DEPENDENCY_ERRORS
+from chat_pipeline.events import status_data
 from chat_pipeline.live import message_frame, publish, visitor_channel
 from chat_pipeline.runtime import Runtime
 from chat_pipeline.supervision import WorkerSet
@@ -51,6 +53,7 @@ class IncomingProcessor:
         rt = self.rt
         msg = IncomingMessage.model_validate(job.data)
         limit_reply = None
+        limit_events: list[DispatchRef] = []
         async with rt.sessions() as session, session.begin():
             if msg.message_id is None:
                 contact = await get_or_create_contact(
@@ -103,7 +106,23 @@ class IncomingProcessor:
                 except AlreadyAnsweredError:
                     return "answered"
                 limit_reply = stored_reply.message
+                if quota.reason != "tenant_suspended":
+                    now = datetime.now(UTC)
+                    period = f"{now.year:04d}-{now.month:02d}"
+                    kind, used, limit = (
+                        ("messages", quota.messages_used, quota.messages_limit)
+                        if quota.reason == "messages_limit"
+                        else ("ai_tokens", quota.ai_tokens_used, quota.ai_tokens_limit)
+                    )
+                    limit_events = await rt.events.emit(
+                        session,
+                        msg.tenant_id,
+                        "usage.limit_reached",
+                        {"kind": kind, "limit": limit, "used": used, "period": period},
+                        dedupe_key=f"limit:{kind}:{period}",  # once a month per limit
+                    )
         rt.usage.record(msg.tenant_id, "message_in", dedupe_key=f"in:{message.id}")
+        await rt.events.send(limit_events)
         if limit_reply is not None:
             log.info("tenant %s over its plan limit (%s): limit reply", msg.tenant_id, quota.reason)
             await rt.pipeline.enqueue_outgoing(
@@ -173,8 +192,12 @@ class OutgoingProcessor:
                 visitor_channel(out.channel_id, out.recipient_external_id),
                 message_frame(replace(message, status="sent")),
             )
+            dispatches = []
             async with rt.sessions() as session, session.begin():
-                await update_delivery_status(session, out.message_id, "sent")
+                if await update_delivery_status(session, out.message_id, "sent"):
+                    data = status_data(out.message_id, out.conversation_id, out.channel_id, "sent")
+                    dispatches = await rt.events.emit(session, out.tenant_id, "message.sent", data)
+            await rt.events.send(dispatches)
             rt.usage.record(out.tenant_id, "message_out", dedupe_key=f"out:{out.message_id}")
             return "published"
         queue = rt.pipeline.channel_queue(out.channel_kind)

@@ -18,6 +18,7 @@ from datetime import UTC, datetime
 from chat_domain import (
     MessageView,
     get_message,
+    get_message_by_provider_id,
     get_or_create_contact,
     get_or_create_conversation,
     get_queue_priority,
@@ -30,6 +31,7 @@ from chat_domain.payloads import IncomingMessage
 from chat_domain.types import ChannelKind
 from chat_pipeline.channels.base import InboundMessage, StatusUpdate
 from chat_pipeline.errors import DEPENDENCY_ERRORS
+from chat_pipeline.events import STATUS_EVENTS, message_data, status_data
 from chat_pipeline.runtime import Runtime
 
 __all__ = ["ChannelRoute", "Received", "apply_status", "receive_message"]
@@ -98,6 +100,15 @@ async def receive_message(rt: Runtime, route: ChannelRoute, inbound: InboundMess
             attachment={"kind": inbound.kind, **inbound.media} if inbound.media else None,
         )
         plan = await get_queue_priority(session, route.tenant_id)
+        dispatches = []
+        if not result.duplicate:
+            m = result.message
+            data = message_data(m, text=m.text, channel_kind=route.kind)
+            data |= {"contact": {"external_id": contact.external_id, "name": contact.display_name}}
+            if m.attachment:
+                data["attachment"] = m.attachment
+            dispatches = await rt.events.emit(session, route.tenant_id, "message.received", data)
+    await rt.events.send(dispatches)
     message = result.message
     if result.duplicate and (message.status != "received" or message.reply_id is not None):
         return Received(message, duplicate=True, queued=False)
@@ -123,11 +134,14 @@ async def receive_message(rt: Runtime, route: ChannelRoute, inbound: InboundMess
     return Received(message, duplicate=result.duplicate, queued=True)
 
 
-async def apply_status(rt: Runtime, channel_id: uuid.UUID, update: StatusUpdate) -> bool:
+async def apply_status(
+    rt: Runtime, channel_id: uuid.UUID, update: StatusUpdate, tenant_id: uuid.UUID | None = None
+) -> bool:
     """What the channel says happened to a message we sent; forward-only (statuses arrive out
     of order and twice), True when it changed something. The message is found by our own id
     when the channel echoes it (`callback_data`: a send that timed out never learned its
-    channel id), else by the channel's id."""
+    channel id), else by the channel's id. A change is a `message.<status>` event for the
+    tenant (`tenant_id`) when it wants those."""
     update = dataclasses.replace(
         update,
         external_message_id=_no_nul(update.external_message_id),
@@ -140,23 +154,44 @@ async def apply_status(rt: Runtime, channel_id: uuid.UUID, update: StatusUpdate)
             ours = uuid.UUID(update.callback_data)
         except ValueError:
             ours = None  # not one of ours (another integration tagged it)
+    dispatches = []
     async with rt.sessions() as session, session.begin():
+        changed = False
         if ours is not None:
             message = await get_message(session, ours)
             if message is not None and message.channel_id == channel_id and message.role != "user":
                 await set_provider_id(session, ours, update.external_message_id)
-                return await update_delivery_status(
+                changed = await update_delivery_status(
                     session,
                     ours,
                     update.status,
                     error_code=update.error_code,
                     error_text=update.error_text,
                 )
-        return await update_delivery_status_by_external_id(
-            session,
-            channel_id=channel_id,
-            external_id=update.external_message_id,
-            status=update.status,
-            error_code=update.error_code,
-            error_text=update.error_text,
-        )
+            else:
+                ours = None
+        if ours is None:
+            changed = await update_delivery_status_by_external_id(
+                session,
+                channel_id=channel_id,
+                external_id=update.external_message_id,
+                status=update.status,
+                error_code=update.error_code,
+                error_text=update.error_text,
+            )
+        event = STATUS_EVENTS.get(update.status)
+        if changed and event and tenant_id and await rt.events.wants(session, tenant_id, event):
+            found = (
+                await get_message(session, ours)
+                if ours is not None
+                else await get_message_by_provider_id(
+                    session, channel_id=channel_id, provider_id=update.external_message_id
+                )
+            )
+            if found is not None:
+                data = status_data(
+                    found.id, found.conversation_id, channel_id, update.status, update.error_code
+                )
+                dispatches = await rt.events.emit(session, tenant_id, event, data)
+    await rt.events.send(dispatches)
+    return changed

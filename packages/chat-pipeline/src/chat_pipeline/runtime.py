@@ -9,6 +9,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from chat_domain import SecretBox, UsageRecorder, create_engine, create_session_factory
 from chat_pipeline.config import PipelineSettings
+from chat_pipeline.events import Events
 from chat_pipeline.queues import Pipeline
 from queue_core import connect
 
@@ -24,6 +25,7 @@ class Runtime:
     box: SecretBox
     usage: UsageRecorder
     pipeline: Pipeline
+    events: Events
 
     @classmethod
     async def start(cls, settings: PipelineSettings) -> Runtime:
@@ -38,6 +40,7 @@ class Runtime:
             box=SecretBox(settings.db.resolve_secret_key()),
             usage=UsageRecorder(sessions, batch_size=200, flush_interval=0.5),
             pipeline=Pipeline.open(redis),
+            events=Events(redis),
         )
 
     async def close(self) -> None:

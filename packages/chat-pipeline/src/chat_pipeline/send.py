@@ -31,6 +31,7 @@ from chat_domain import (
 )
 from chat_domain.payloads import OutgoingMessage
 from chat_domain.types import DELIVERY_STATUS_RANK
+from chat_domain.webhooks import DispatchRef
 from chat_pipeline.cache import TTLCache
 from chat_pipeline.channels.base import (
     ChannelFatalError,
@@ -41,6 +42,8 @@ from chat_pipeline.channels.base import (
     SendError,
     ThrottledError,
 )
+from chat_pipeline.errors import DEPENDENCY_ERRORS
+from chat_pipeline.events import STATUS_EVENTS, status_data
 from chat_pipeline.runtime import Runtime
 from queue_core import DelayJob, GroupRateLimitError, Job, Queue
 
@@ -154,8 +157,10 @@ class ChannelGate:
     async def hold(self, channel_id: uuid.UUID, ms: int) -> None:
         await self.redis.set(self._key("hold", channel_id), "1", px=max(1, ms))
 
-    async def open(self, channel_id: uuid.UUID, code: str | None, reason: str) -> None:
+    async def open(self, channel_id: uuid.UUID, code: str | None, reason: str) -> bool:
+        """Stop the channel's sends; True when it was sending until now."""
         pipe = self.redis.pipeline(transaction=False)
+        pipe.exists(self._key("circuit", channel_id))
         pipe.hset(
             self._key("circuit", channel_id),
             mapping={"code": code or "", "reason": reason[:300], "since": time.time()},
@@ -163,7 +168,8 @@ class ChannelGate:
         # the next send is a probe, one interval from now
         pipe.set(self._key("probe", channel_id), "1", px=CIRCUIT_PROBE_MS)
         pipe.sadd(STOPPED_KEY, str(channel_id))
-        await pipe.execute()
+        was_open, *_ = await pipe.execute()
+        return not was_open
 
     async def park(self, channel_id: uuid.UUID, job_id: str) -> None:
         """`job_id` waits (delayed) until the channel resumes."""
@@ -353,6 +359,7 @@ class SendProcessor:
         if gate.circuit_open:  # the probe went through: the channel works again
             started = await self.gate.resume(out.channel_id, job.queue)
             log.info("channel %s sends again; %d waiting messages started", out.channel_id, started)
+            await self._channel_event(out, "sending")
         self.rt.usage.record(out.tenant_id, "whatsapp_send", dedupe_key=f"send:{out.message_id}")
         if self.on_sent is not None:
             await self.on_sent(out, result.external_ids)
@@ -371,7 +378,8 @@ class SendProcessor:
             # after `channels update` must not meet these cached ones again, or its messages
             # fail as before and wait a whole probe interval
             self._channels.forget(out.channel_id)
-            await self.gate.open(out.channel_id, exc.code, str(exc))
+            if await self.gate.open(out.channel_id, exc.code, str(exc)):
+                await self._channel_event(out, "stopped", exc.code)
             log.error(
                 "channel %s stopped sending (%s): its messages wait until it is fixed",
                 out.channel_id,
@@ -396,16 +404,43 @@ class SendProcessor:
     async def _record(
         self, out: OutgoingMessage, external_ids: tuple[str, ...], *, status: str | None
     ) -> None:
+        dispatches = []
         async with self.rt.sessions() as session, session.begin():
             if external_ids:
                 # status webhooks name the first part's id; later parts follow it
                 await set_provider_id(session, out.message_id, external_ids[0])
-            if status == "sent":
-                await update_delivery_status(session, out.message_id, "sent")
+            if status == "sent" and await update_delivery_status(session, out.message_id, "sent"):
+                dispatches = await self._event(session, out, "sent")
+        await self.rt.events.send(dispatches)
 
     async def _fail(self, out: OutgoingMessage, code: str, text: str) -> None:
+        dispatches = []
         async with self.rt.sessions() as session, session.begin():
-            await update_delivery_status(
+            if await update_delivery_status(
                 session, out.message_id, "failed", error_code=code[:100], error_text=text[:500]
-            )
+            ):
+                dispatches = await self._event(session, out, "failed", code[:100])
+        await self.rt.events.send(dispatches)
         log.warning("message %s not sent: %s", out.message_id, code)
+
+    async def _channel_event(
+        self, out: OutgoingMessage, status: str, code: str | None = None
+    ) -> None:
+        """`channel.status_changed` for the tenant (best effort: the sends matter more)."""
+        data = {"channel_id": str(out.channel_id), "kind": out.channel_kind, "status": status}
+        if code:
+            data["code"] = code
+        try:
+            async with self.rt.sessions() as session, session.begin():
+                dispatches = await self.rt.events.emit(
+                    session, out.tenant_id, "channel.status_changed", data
+                )
+            await self.rt.events.send(dispatches)
+        except DEPENDENCY_ERRORS as exc:
+            log.warning("channel %s: status event not stored (%s)", out.channel_id, exc)
+
+    async def _event(
+        self, session: Any, out: OutgoingMessage, status: str, code: str | None = None
+    ) -> list[DispatchRef]:
+        data = status_data(out.message_id, out.conversation_id, out.channel_id, status, code)
+        return await self.rt.events.emit(session, out.tenant_id, STATUS_EVENTS[status], data)

@@ -46,9 +46,11 @@ from chat_domain import (
 )
 from chat_domain.payloads import AIRequest, OutgoingMessage
 from chat_domain.types import ChannelKind
+from chat_domain.webhooks import DispatchRef
 from chat_pipeline import PipelineSettings, Runtime
 from chat_pipeline.cache import TTLCache
 from chat_pipeline.consumer import pipeline_worker, serve_workers
+from chat_pipeline.events import conversation_status_data
 from chat_pipeline.handoff import asks_for_a_person, failed_in_a_row
 from chat_pipeline.live import publish, status_frame, typing_frame, visitor_channel
 from chat_pipeline.reconcile import answer_with_fallback
@@ -269,6 +271,8 @@ class AnswerProcessor:
         the same transaction: the bot stops answering it."""
         rt = self.rt
         text = completion.text.strip() if completion is not None else ctx.chatbot.fallback_reply
+        asked = handoff  # (the user asked; else the bot's failures may hand over below)
+        dispatches: list[DispatchRef] = []
         try:
             async with rt.sessions() as session, session.begin():
                 failures = self.settings.handoff_after_failures
@@ -281,6 +285,13 @@ class AnswerProcessor:
                 if handoff:
                     text = ctx.chatbot.handoff_reply
                     await set_conversation_status(session, req.conversation_id, "pending_human")
+                    why = "user_asked" if asked else "bot_failing"
+                    data = conversation_status_data(
+                        req.conversation_id, "pending_human", "open", why
+                    )
+                    dispatches = await rt.events.emit(
+                        session, req.tenant_id, "conversation.status_changed", data
+                    )
                 result = await store_reply(
                     session,
                     conversation_id=req.conversation_id,
@@ -293,6 +304,7 @@ class AnswerProcessor:
             # was stored; run again, without using an attempt, for what is still unanswered.
             log.warning("conversation %s: answered meanwhile; answering again", req.conversation_id)
             raise DelayJob(0) from None
+        await rt.events.send(dispatches)
         # Only after the commit: a job queued inside the transaction could reach the outgoing
         # worker before the reply is visible to it (PostgreSQL), which then found no message
         # and dropped it. A crash between commit and queueing reruns this job, which finds

@@ -70,6 +70,7 @@ from chat_domain.errors import AlreadyAnsweredError
 from chat_domain.payloads import IncomingMessage, OutgoingMessage
 from chat_domain.types import CONVERSATION_STATUSES, ApiKeyRole, ConversationStatus, QrService
 from chat_pipeline import Runtime
+from chat_pipeline.events import conversation_status_data
 from chat_pipeline.send import ChannelGate
 from gateway.channel_ops import AdminError, ChannelOps, CloudUpdate, QrUpdate
 from gateway.errors import ApiError
@@ -834,8 +835,15 @@ async def conversations_get(request: web.Request, ctx: Ctx) -> web.Response:
 async def _set_status(ctx: Ctx, conversation: ConversationView, status: ConversationStatus) -> None:
     if conversation.status == "resolved" and status != "resolved":
         raise ApiError(409, "resolved", "the conversation is resolved", "conversation_id")
+    dispatches = []
     async with ctx.rt.sessions() as session, session.begin():
         await set_conversation_status(session, conversation.id, status)
+        if status != conversation.status:
+            data = conversation_status_data(conversation.id, status, conversation.status, "agent")
+            dispatches = await ctx.rt.events.emit(
+                session, ctx.tenant, "conversation.status_changed", data
+            )
+    await ctx.rt.events.send(dispatches)
 
 
 @route("POST", "/conversations/{conversation_id}/take-over", "agent", "A human answers now")
@@ -904,8 +912,13 @@ async def conversations_reply(request: web.Request, ctx: Ctx) -> web.Response:
         raise ApiError(409, "resolved", "the conversation is resolved", "conversation_id")
     client_id = body.client_message_id or uuid.uuid4().hex
     async with ctx.rt.sessions() as session, session.begin():
+        dispatches = []
         if conversation.status == "open":
             await set_conversation_status(session, conversation.id, "pending_human")
+            data = conversation_status_data(conversation.id, "pending_human", "open", "agent")
+            dispatches = await ctx.rt.events.emit(
+                session, ctx.tenant, "conversation.status_changed", data
+            )
         questions = await unanswered_messages(session, conversation.id)
         try:
             stored = await store_reply(
@@ -921,6 +934,7 @@ async def conversations_reply(request: web.Request, ctx: Ctx) -> web.Response:
         channel = await get_channel(session, conversation.channel_id)
         contact = await get_contact(session, conversation.contact_id)
         plan = await get_queue_priority(session, ctx.tenant)
+    await ctx.rt.events.send(dispatches)
     message = stored.message
     if not stored.duplicate and channel is not None and contact is not None:
         await ctx.rt.pipeline.enqueue_outgoing(

@@ -190,6 +190,7 @@ class LiveHub:
         self._sockets: dict[str, set[LiveSocket]] = {}
         self._per_ip: Counter[str] = Counter()
         self._tasks: list[asyncio.Task[None]] = []
+        self._stopped = False
 
     async def start(self) -> None:
         self._tasks = [
@@ -198,11 +199,19 @@ class LiveHub:
         ]
 
     async def close(self) -> None:
+        # One cancel is not always enough: when it lands as redis-py's read times out (the
+        # 5 s poll), Python 3.11's asyncio.timeout can turn it into a TimeoutError, which the
+        # loops took for a Redis hiccup and carried on; shutdown then hung for good. The flag
+        # ends the loops at their next turn; cancels are repeated until they have.
+        self._stopped = True
+        pending = {t for t in self._tasks if not t.done()}
+        while pending:
+            for task in pending:
+                task.cancel()
+            _, pending = await asyncio.wait(pending, timeout=0.5)
         for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                task.result()
         for sockets in list(self._sockets.values()):
             for sock in list(sockets):
                 await sock.stop()
@@ -288,7 +297,7 @@ class LiveHub:
             await pubsub.unsubscribe(*stale)
 
     async def _run(self) -> None:
-        while True:
+        while not self._stopped:
             pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
             self._pubsub = pubsub
             try:
@@ -324,7 +333,7 @@ class LiveHub:
         """Abort sockets whose current send has waited longer than the send timeout."""
         loop = asyncio.get_running_loop()
         interval = min(1.0, self._send_timeout / 4)
-        while True:
+        while not self._stopped:
             await asyncio.sleep(interval)
             try:
                 limit = loop.time() - self._send_timeout
@@ -336,7 +345,7 @@ class LiveHub:
                 log.exception("live hub watchdog failed; trying again")
 
     async def _read(self, pubsub: Any) -> None:
-        while True:
+        while not self._stopped:
             if self._resync_due:
                 self._resync_due = False
                 await self._reconcile(pubsub)

@@ -135,7 +135,7 @@ async def _apply(
             received = await receive_message(rt, route, item)
             counts["duplicates" if received.duplicate else "messages"] += 1
         else:
-            await apply_status(rt, channel.id, item)
+            await apply_status(rt, channel.id, item, channel.tenant_id)
             counts["statuses"] += 1
     return counts
 
@@ -268,11 +268,29 @@ async def _session_changed(
     if status.status == "working":
         queue = rt.pipeline.channel_queue(channel.kind)
         assert queue is not None
+        was_stopped = (await gate.state(channel.id)).open
         started = await gate.resume(channel.id, queue)
         log.info("channel %s: session working; %d waiting sends start", channel.id, started)
+        if was_stopped:
+            await _channel_event(rt, channel, "sending")
     elif status.status != "starting":
-        await gate.open(channel.id, f"session_{status.status}", f"session is {status.raw}")
+        code = f"session_{status.status}"
+        if await gate.open(channel.id, code, f"session is {status.raw}"):
+            await _channel_event(rt, channel, "stopped", code)
         log.warning("channel %s: session %s; sends wait", channel.id, status.raw)
+
+
+async def _channel_event(
+    rt: Runtime, channel: ChannelView, status: str, code: str | None = None
+) -> None:
+    data = {"channel_id": str(channel.id), "kind": channel.kind, "status": status}
+    if code:
+        data["code"] = code
+    async with rt.sessions() as session, session.begin():
+        dispatches = await rt.events.emit(
+            session, channel.tenant_id, "channel.status_changed", data
+        )
+    await rt.events.send(dispatches)
 
 
 def routes() -> list[web.RouteDef]:

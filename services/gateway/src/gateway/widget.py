@@ -23,6 +23,7 @@ from chat_domain import (
     find_contact,
     get_chatbot_by_widget_key,
     get_chatbot_secrets,
+    get_message,
     mark_delivered_for_visitor,
     messages_since,
     verify_visitor_signature,
@@ -30,6 +31,7 @@ from chat_domain import (
 from chat_pipeline import Runtime
 from chat_pipeline.cache import CONFIG_TTL_S, TTLCache
 from chat_pipeline.channels.base import InboundMessage
+from chat_pipeline.events import status_data
 from chat_pipeline.live import message_frame, message_json, publish, status_frame, visitor_channel
 from chat_pipeline.receive import ChannelRoute, receive_message
 from gateway.errors import DEPENDENCY_ERRORS, ApiError
@@ -388,10 +390,20 @@ async def _ack(rt: Runtime, target: WidgetTarget, visitor_id: str, raw_id: objec
         message_id = uuid.UUID(str(raw_id))
     except ValueError:
         return
+    dispatches = []
     async with rt.sessions() as session, session.begin():
         changed = await mark_delivered_for_visitor(
             session, message_id, channel_id=target.channel_id, external_id=visitor_id
         )
+        if changed and await rt.events.wants(session, target.tenant_id, "message.delivered"):
+            message = await get_message(session, message_id)
+            if message is not None:
+                data = status_data(message.id, message.conversation_id, target.channel_id,
+                                   "delivered")  # fmt: skip
+                dispatches = await rt.events.emit(
+                    session, target.tenant_id, "message.delivered", data
+                )
+    await rt.events.send(dispatches)
     if changed:
         await publish(
             rt.redis,
