@@ -495,3 +495,16 @@ async def test_an_agent_reply_with_a_nul_character_is_a_400(client: Client, worl
     url = f"/api/v1/conversations/{world.a.conversation}/messages"
     resp = await client.post(url, headers=_auth(world.a.agent), json={"text": "on\x00its way"})
     assert resp.status == 400 and (await resp.json())["error"]["field"] == "text"
+
+
+async def test_nul_in_any_text_field_is_a_400_naming_it(client: Client, world: World) -> None:
+    """Every body, not only the agent's reply: PostgreSQL refuses U+0000 in text columns."""
+    h = _auth(world.a.admin)
+    resp = await client.patch(
+        f"/api/v1/chatbots/{world.a.bot}", headers=h, json={"name": "ok", "system_prompt": "a\x00b"}
+    )
+    assert resp.status == 400 and (await resp.json())["error"]["field"] == "system_prompt"
+    resp = await client.patch(
+        f"/api/v1/chatbots/{world.a.bot}", headers=h, json={"handoff_phrases": ["ok", "x\x00"]}
+    )
+    assert resp.status == 400 and (await resp.json())["error"]["field"] == "handoff_phrases.1"

@@ -39,8 +39,10 @@ SERVICES: dict[str, list[str]] = {
     "ai-worker": ["-m", "ai_worker"],
     "channel-whatsapp-cloud": ["-m", "channel_whatsapp_cloud"],
     "channel-whatsapp-qr": ["-m", "channel_whatsapp_qr"],
+    "webhook-delivery": ["-m", "webhook_delivery"],
 }
-# what `make run` starts: the channel services idle until a tenant adds a WhatsApp channel
+# what `make run` starts: the channel and webhook services idle until a tenant adds a WhatsApp
+# channel or a webhook endpoint
 ALL_SERVICES: tuple[str, ...] = tuple(SERVICES)
 
 

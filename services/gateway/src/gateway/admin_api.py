@@ -249,11 +249,33 @@ async def _body(request: web.Request, model: type[M], limit: int = 64 * 1024) ->
         raise ApiError(400, "invalid_json", "the body must be a JSON object") from None
     if not isinstance(data, dict):
         raise ApiError(400, "invalid_json", "the body must be a JSON object")
+    nul = _nul_at(data)
+    if nul is not None:  # PostgreSQL cannot store U+0000 in text (a 500 there); no field needs it
+        raise ApiError(400, "invalid", "text must not contain NUL characters", nul or None)
     try:
         return model.model_validate(data)
     except ValidationError as exc:
         field, message = _field_of(exc)
         raise ApiError(400, "invalid", message, field) from None
+
+
+def _nul_at(data: Any) -> str | None:
+    """The dotted path of the first string (key or value) holding U+0000, else None."""
+    stack: list[tuple[str, Any]] = [("", data)]
+    while stack:
+        path, value = stack.pop()
+        if isinstance(value, str):
+            if "\x00" in value:
+                return path
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                here = f"{path}.{key}" if path else str(key)
+                if "\x00" in str(key):
+                    return here
+                stack.append((here, item))
+        elif isinstance(value, list):
+            stack.extend((f"{path}.{i}" if path else str(i), v) for i, v in enumerate(value))
+    return None
 
 
 def _query_int(request: web.Request, name: str, default: int, low: int, high: int) -> int:
