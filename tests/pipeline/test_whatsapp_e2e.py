@@ -706,3 +706,65 @@ async def test_a_cloud_reply_quotes_the_question(
     wamid = cloud_text(graph, cloud, user, "Which milk do you use?")
     sent = await until(lambda: _async(graph.sent(cloud.number)), "the reply sent")
     assert sent[0]["request"].get("context") == {"message_id": wamid}
+
+
+# -- handoff to a person on WhatsApp ----------------------------------------------------------
+
+
+def _api(platform: Platform, method: str, path: str, body: Any = None) -> Any:
+    request = urllib.request.Request(
+        f"{platform.url}{path}",
+        data=None if body is None else json.dumps(body).encode(),
+        method=method,
+        headers={
+            "Authorization": f"Bearer {platform.demo['admin_api_key']}",
+            "Content-Type": "application/json",
+        },
+    )
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return json.loads(response.read())
+
+
+async def test_a_whatsapp_user_asks_for_a_person_and_an_agent_answers(
+    wa_platform: Platform, graph: FakeProvider
+) -> None:
+    """The user asks for a human: the bot says it hands over and stays silent; the agent's
+    reply (admin API) goes out on the same number; handed back, the bot answers again."""
+    cloud = await cloud_channel(wa_platform, graph)
+    user = wa_user()
+    cloud_text(graph, cloud, user, "I want to talk to a human")
+    handoff = await until(lambda: _async(graph.sent(cloud.number)), "the handoff reply")
+    assert "member of our team" in handoff[0]["request"]["text"]["body"]
+    conversation = (await stored(wa_platform, cloud.id, user))[0].conversation_id
+    conv = await asyncio.to_thread(
+        _api, wa_platform, "GET", f"/api/v1/conversations/{conversation}"
+    )
+    assert conv["status"] == "pending_human"
+
+    cloud_text(graph, cloud, user, "Hello? My order 1234 is late")
+
+    async def stored_second() -> bool:
+        return len(await stored(wa_platform, cloud.id, user)) >= 3  # question, handoff, question
+
+    await until(stored_second, "the second question stored")
+    await pipeline_idle(wa_platform)
+    assert len(graph.sent(cloud.number)) == 1, "the bot stays silent while a person has it"
+    await asyncio.to_thread(
+        _api, wa_platform, "POST", f"/api/v1/conversations/{conversation}/messages",
+        {"text": "Sorry! Order 1234 leaves today.", "client_message_id": "a1"},
+    )  # fmt: skip
+    sent = await until(
+        lambda: _async(len(s := graph.sent(cloud.number)) == 2 and s), "the agent's reply sent"
+    )
+    assert sent[1]["request"]["text"]["body"] == "Sorry! Order 1234 leaves today."
+    assert sent[1]["request"]["to"] == user
+
+    back = await asyncio.to_thread(
+        _api, wa_platform, "POST", f"/api/v1/conversations/{conversation}/hand-back"
+    )
+    assert back["status"] == "open"
+    cloud_text(graph, cloud, user, "Thanks, and do you roast decaf?")
+    sent = await until(
+        lambda: _async(len(s := graph.sent(cloud.number)) == 3 and s), "the bot answers again"
+    )
+    assert sent[2]["request"]["text"]["body"] == "bot: Thanks, and do you roast decaf?"
