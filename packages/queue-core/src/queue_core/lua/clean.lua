@@ -17,7 +17,9 @@ local function drop(id)
 end
 if state == 'completed' or state == 'failed' then
   local sk = B .. ':' .. state
-  local ids = rcall('ZRANGEBYSCORE', sk, '-inf', cutoff, 'LIMIT', 0, limit)
+  -- scores carry a sub-ms offset (finishing order within a ms): a job finished in the cutoff's
+  -- own ms scores just above it and must still count as old enough
+  local ids = rcall('ZRANGEBYSCORE', sk, '-inf', '(' .. (cutoff + 1), 'LIMIT', 0, limit)
   if #ids > 0 then rcall('ZREM', sk, unpack(ids)) end
   for _, id in ipairs(ids) do drop(id) end
 elseif state == 'delayed' or state == 'waiting-children' then
