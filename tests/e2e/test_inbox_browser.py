@@ -4,7 +4,10 @@ the inbox, two pages of one browser. Every wait is a bounded Playwright expectat
 
 from __future__ import annotations
 
+import asyncio
+import json
 import re
+import urllib.request
 import uuid
 from collections.abc import Awaitable, Callable
 
@@ -218,3 +221,35 @@ def _answer(status: int, code: str, message: str) -> Callable[[Route], Awaitable
         await route.fulfill(status=status, json={"error": error})
 
     return answer
+
+
+async def test_an_admin_sees_webhook_health_and_an_agent_does_not(
+    context: BrowserContext, platform: Platform, page_log: PageLog
+) -> None:
+    page = await _inbox_page(context, page_log)
+    await page.goto(f"{platform.url}/inbox")
+    inbox = Inbox(page)
+    await inbox.signed_in_with(platform.demo["admin_api_key"])
+    pane = page.get_by_role("region", name="Webhooks")
+    await expect(pane).to_be_visible()
+    await expect(page.locator("#wh-note")).to_have_text("No endpoints.")
+    await expect(page.locator("#wh-failed li")).to_have_text(["None."])
+    agent_key = await asyncio.to_thread(_agent_key, platform)
+    await inbox.sign_out.click()
+    await inbox.signed_in_with(agent_key)
+    await expect(page.locator("#wh-pane")).to_be_hidden()
+    assert page_log.errors == []
+
+
+def _agent_key(platform: Platform) -> str:
+    request = urllib.request.Request(
+        f"{platform.url}/api/v1/api-keys",
+        data=json.dumps({"role": "agent", "name": "inbox test"}).encode(),
+        method="POST",
+        headers={
+            "Authorization": f"Bearer {platform.demo['admin_api_key']}",
+            "Content-Type": "application/json",
+        },
+    )
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return str(json.loads(response.read())["key"])

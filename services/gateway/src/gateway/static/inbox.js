@@ -55,6 +55,7 @@
     transcript: $("transcript"), replyForm: $("reply-form"), reply: $("reply"),
     send: $("send"), replyError: $("reply-error"),
     kbBot: $("kb-bot"), kbList: $("kb-list"), kbEmpty: $("kb-empty"),
+    whPane: $("wh-pane"), whNote: $("wh-note"), whList: $("wh-list"), whFailed: $("wh-failed"),
   };
   var sections = {
     pending_human: { list: $("pending-list"), count: $("pending-count"), more: $("pending-more"),
@@ -237,6 +238,9 @@
       el.key.value = "";
       el.signinError.textContent = "";
       listLoop.start();
+      // webhook health is for admin keys (the API refuses agents)
+      el.whPane.hidden = me.key.role === "agent";
+      if (me.key.role !== "agent") loadWebhooks();
       el.search.focus();
     }, function (err) {
       // A key the API refused is forgotten; one it could not check (gateway unreachable or
@@ -249,6 +253,7 @@
   function signOut(message) {
     state.session += 1;
     state.key = null;
+    el.whPane.hidden = true;
     storeKey(null);
     listLoop.stop();
     conversationLoop.stop();
@@ -758,6 +763,66 @@
       meta.textContent = " \u2014 " + parts.join(", ");
       li.append(title, meta);
       el.kbList.appendChild(li);
+    });
+  }
+
+  // -- webhook health (admin keys) ------------------------------------------------------------
+
+  function loadWebhooks() {
+    var session = state.session;
+    el.whNote.textContent = "Loading\u2026";
+    Promise.all([
+      api("GET", "/webhooks/endpoints"),
+      api("GET", "/webhooks/events?status=failed&limit=5"),
+    ]).then(function (results) {
+      if (session !== state.session) return;
+      renderEndpoints(results[0].items);
+      renderFailed(results[1].items);
+    }, function (err) {
+      if (session !== state.session) return;
+      el.whNote.textContent = "Could not load the webhooks: " + err.message;
+    });
+  }
+
+  function renderEndpoints(items) {
+    el.whList.textContent = "";
+    el.whNote.textContent = items.length ? "" : "No endpoints.";
+    items.forEach(function (endpoint) {
+      var li = document.createElement("li");
+      var url = document.createElement("code");
+      url.textContent = endpoint.url;
+      var health = endpoint.health || {};
+      var state_ = document.createElement("span");
+      var parts = [];
+      if (!endpoint.enabled) {
+        state_.className = "error";
+        parts.push("disabled" + (health.disabled_reason ? ": " + health.disabled_reason : ""));
+      } else if (health.consecutive_failures) {
+        state_.className = "error";
+        parts.push(health.consecutive_failures + " failures in a row");
+      } else {
+        parts.push("ok");
+      }
+      parts.push(health.last_success_at ? "last success " + when(health.last_success_at) : "no success yet");
+      state_.textContent = " \u2014 " + parts.join(", ");
+      li.append(url, state_);
+      el.whList.appendChild(li);
+    });
+  }
+
+  function renderFailed(items) {
+    el.whFailed.textContent = "";
+    if (!items.length) {
+      var none = document.createElement("li");
+      none.className = "muted";
+      none.textContent = "None.";
+      el.whFailed.appendChild(none);
+      return;
+    }
+    items.forEach(function (event) {
+      var li = document.createElement("li");
+      li.textContent = event.type + " \u2014 " + when(event.created_at);
+      el.whFailed.appendChild(li);
     });
   }
 
