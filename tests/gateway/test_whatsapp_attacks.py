@@ -386,6 +386,47 @@ async def test_a_trickled_body_is_cut_off_instead_of_holding_a_connection_foreve
     assert status_line.split()[1:2] == [b"408"], status_line
 
 
+async def test_beyond_the_pending_limit_a_webhook_is_a_503_read_no_further(
+    gateway_redis: RedisServer, gateway_db: str, secret_key: str, rt: Runtime
+) -> None:
+    """An overloaded gateway answers the provider at once (it delivers again later) instead of
+    letting every webhook wait: one webhook in flight (its body still arriving) fills a limit
+    of one; the next is refused with Retry-After; once it is done the next is taken."""
+    settings = settings_for(gateway_redis.url, gateway_db, secret_key, max_pending_webhooks=1)
+    ch = await _cloud(rt)
+    raw = json.dumps(_text_body(ch["number"], "wamid.busy", "hello")).encode()
+    async with TestClient(TestServer(create_app(settings))) as client:
+        assert client.port is not None
+        reader, writer = await asyncio.open_connection(client.host, client.port)
+        try:
+            writer.write(
+                f"POST /v1/channels/{ch['channel']}/whatsapp-cloud HTTP/1.1\r\n"
+                f"Host: x\r\nContent-Type: application/json\r\n"
+                f"X-Hub-Signature-256: {_sign(raw)}\r\nContent-Length: {len(raw)}\r\n\r\n".encode()
+                + raw[:10]
+            )
+            await writer.drain()
+
+            async def refused() -> Any:
+                r = await _post_cloud(client, ch["channel"], raw, _sign(raw))
+                return r if r.status == 503 else None
+
+            async with asyncio.timeout(5):
+                while (busy := await refused()) is None:
+                    await asyncio.sleep(0.01)  # (until the first request holds its slot)
+            assert busy.headers["Retry-After"] == "5"
+            assert (await busy.json())["error"]["code"] == "overloaded"
+            writer.write(raw[10:])  # the first webhook completes: it is accepted
+            await writer.drain()
+            async with asyncio.timeout(5):
+                assert (await reader.readline()).split()[1:2] == [b"200"]
+        finally:
+            writer.close()
+        again = await _post_cloud(client, ch["channel"], raw, _sign(raw))
+        assert again.status == 200, "a redelivery after the rush is taken (and deduped)"
+    assert [m.external_id for m in await _user_messages(rt, ch)] == ["wamid.busy"]
+
+
 async def test_concurrent_redeliveries_store_and_queue_one_message(
     client: TestClient[Any, Any], rt: Runtime
 ) -> None:

@@ -265,6 +265,7 @@ def create_app(settings: PipelineSettings) -> web.Application:
     app.on_shutdown.append(close_sockets)
     app.add_routes(widget.routes())
     app[whatsapp.whatsapp_cache_key] = whatsapp.WebhookChannels()
+    app[whatsapp.pending_webhooks_key] = whatsapp.PendingWebhooks()
     app.add_routes(whatsapp.routes())
     app.add_routes(
         [

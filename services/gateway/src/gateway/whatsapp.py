@@ -13,6 +13,7 @@ import asyncio
 import hmac
 import logging
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -293,9 +294,40 @@ async def _channel_event(
     await rt.events.send(dispatches)
 
 
+@dataclass
+class PendingWebhooks:
+    """Provider webhooks this process is working on. Beyond the limit one is refused at once
+    with 503 + Retry-After, before its body is read: Meta, WAHA and Evolution deliver it again
+    later, so nothing is lost, and an overloaded gateway answers in milliseconds instead of
+    letting every webhook wait seconds (measured: 100 webhooks/s against ~27 answered/s)."""
+
+    count: int = 0
+
+
+pending_webhooks_key = web.AppKey("pending_webhooks", PendingWebhooks)
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def _bounded(handler: Handler) -> Handler:
+    async def bounded(request: web.Request) -> web.StreamResponse:
+        pending = request.app[pending_webhooks_key]
+        if pending.count >= request.app[runtime_key].settings.max_pending_webhooks:
+            raise ApiError(
+                503, "overloaded", "too many webhooks at once; deliver again shortly",
+                headers={"Retry-After": "5"},
+            )  # fmt: skip
+        pending.count += 1
+        try:
+            return await handler(request)
+        finally:
+            pending.count -= 1
+
+    return bounded
+
+
 def routes() -> list[web.RouteDef]:
     return [
         web.get("/v1/channels/{channel_id}/whatsapp-cloud", cloud_verify),
-        web.post("/v1/channels/{channel_id}/whatsapp-cloud", cloud_events),
-        web.post("/v1/channels/{channel_id}/whatsapp-qr", qr_events),
+        web.post("/v1/channels/{channel_id}/whatsapp-cloud", _bounded(cloud_events)),
+        web.post("/v1/channels/{channel_id}/whatsapp-qr", _bounded(qr_events)),
     ]
