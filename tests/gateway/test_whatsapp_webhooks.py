@@ -277,3 +277,23 @@ async def test_statuses_move_forward_and_find_a_send_that_never_learned_its_wami
     assert r.status == 200
     async with rt.sessions() as s:
         assert (await get_message(s, reply.id)).status == "read"  # type: ignore[union-attr]
+
+
+async def test_a_contact_that_floods_is_handed_to_people(
+    gateway_redis: RedisServer, gateway_db: str, secret_key: str, cloud: dict[str, Any], rt: Runtime
+) -> None:
+    """Another bot answering ours turns every reply into a new question, for ever: beyond
+    WHATSAPP_CONTACT_RATE a minute the conversation goes to the tenant's people (the bot stops);
+    every message is still stored."""
+    settings = settings_for(gateway_redis.url, gateway_db, secret_key, whatsapp_contact_rate=3)
+    async with TestClient(TestServer(create_app(settings))) as client:
+        for i in range(4):
+            r = await _post(client, cloud["channel"], _text(cloud["number"], f"wamid.f{i}", "hi"))
+            assert r.status == 200
+    async with rt.sessions() as s:
+        contact = await get_or_create_contact(
+            s, tenant_id=cloud["tenant"], channel_id=cloud["channel"], external_id="4915550001"
+        )
+        conversation = await get_or_create_conversation(s, contact, chatbot_id=cloud["bot"])
+        stored = await messages_since(s, conversation.id)
+    assert len(stored) == 4 and conversation.status == "pending_human"

@@ -113,6 +113,8 @@ class PipelineSettings:
     whatsapp_send_timeout_s: float = 15.0
     # provider webhooks one gateway process works on at once; beyond it 503 (the provider retries)
     max_pending_webhooks: int = 200
+    # messages a minute from one WhatsApp contact before a person gets the conversation
+    whatsapp_contact_rate: int = 30
     qr_send_timeout_s: float = 30.0  # WAHA holds a send up to 5 s waiting for its session
     # workers
     incoming_concurrency: int = 20
@@ -189,6 +191,7 @@ class PipelineSettings:
             channel_concurrency=_int(env, "CHANNEL_CONCURRENCY", 10, 1),
             whatsapp_send_timeout_s=_float(env, "WHATSAPP_SEND_TIMEOUT_S", 15.0),
             max_pending_webhooks=_int(env, "WHATSAPP_MAX_PENDING_WEBHOOKS", 200, 1),
+            whatsapp_contact_rate=_int(env, "WHATSAPP_CONTACT_RATE", 30, 1),
             qr_send_timeout_s=_float(env, "QR_SEND_TIMEOUT_S", 30.0),
             incoming_concurrency=_int(env, "INCOMING_CONCURRENCY", 20, 1),
             outgoing_concurrency=_int(env, "OUTGOING_CONCURRENCY", 20, 1),

@@ -10,7 +10,9 @@ unanswered is queued again (a no-op while its job exists).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
+import time
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -23,6 +25,7 @@ from chat_domain import (
     get_or_create_conversation,
     get_queue_priority,
     insert_message,
+    set_conversation_status,
     set_provider_id,
     update_delivery_status,
     update_delivery_status_by_external_id,
@@ -31,7 +34,12 @@ from chat_domain.payloads import IncomingMessage
 from chat_domain.types import ChannelKind
 from chat_pipeline.channels.base import InboundMessage, StatusUpdate
 from chat_pipeline.errors import DEPENDENCY_ERRORS
-from chat_pipeline.events import STATUS_EVENTS, message_data, status_data
+from chat_pipeline.events import (
+    STATUS_EVENTS,
+    conversation_status_data,
+    message_data,
+    status_data,
+)
 from chat_pipeline.runtime import Runtime
 
 __all__ = ["ChannelRoute", "Received", "apply_status", "receive_message"]
@@ -77,8 +85,38 @@ def _without_nul(inbound: InboundMessage) -> InboundMessage:
     )
 
 
-async def receive_message(rt: Runtime, route: ChannelRoute, inbound: InboundMessage) -> Received:
+async def _flooding(rt: Runtime, route: ChannelRoute, sender: str, limit: tuple[int, int]) -> bool:
+    """More than `limit` (count, window ms) messages from one contact: another bot answering
+    ours (each reply is a new question, for ever) or abuse. One round trip; a Redis error
+    counts as not flooding (receiving matters more)."""
+    count, window = limit
+    now_ms = int(time.time() * 1000)
+    digest = hashlib.blake2b(sender.encode(), digest_size=12).hexdigest()
+    key = f"chan:flood:{route.channel_id}:{digest}:{now_ms // window}"
+    try:
+        pipe = rt.redis.pipeline(transaction=False)
+        pipe.incr(key)
+        pipe.pexpire(key, window)
+        seen, _ = await pipe.execute()
+    except DEPENDENCY_ERRORS:
+        return False
+    return int(seen) > count
+
+
+async def receive_message(
+    rt: Runtime,
+    route: ChannelRoute,
+    inbound: InboundMessage,
+    *,
+    flood_limit: tuple[int, int] | None = None,
+) -> Received:
+    """Store a user's message once and queue it for the pipeline. With `flood_limit`, a contact
+    beyond it has its conversation handed to the tenant's people (the bot stops answering):
+    messages are still stored, nothing is lost, and a bot-to-bot loop ends."""
     inbound = _without_nul(inbound)
+    flooding = flood_limit is not None and await _flooding(
+        rt, route, inbound.external_user_id, flood_limit
+    )
     async with rt.sessions() as session, session.begin():
         contact = await get_or_create_contact(
             session,
@@ -108,6 +146,13 @@ async def receive_message(rt: Runtime, route: ChannelRoute, inbound: InboundMess
             if m.attachment:
                 data["attachment"] = m.attachment
             dispatches = await rt.events.emit(session, route.tenant_id, "message.received", data)
+            if flooding and conversation.status == "open":
+                await set_conversation_status(session, conversation.id, "pending_human")
+                log.warning("conversation %s: a contact floods; handed to people", conversation.id)
+                status = conversation_status_data(conversation.id, "pending_human", "open", "flood")
+                dispatches += await rt.events.emit(
+                    session, route.tenant_id, "conversation.status_changed", status
+                )
     await rt.events.send(dispatches)
     message = result.message
     if result.duplicate and (message.status != "received" or message.reply_id is not None):

@@ -133,7 +133,9 @@ async def _apply(
     route = _route(channel)
     for item in items:
         if isinstance(item, InboundMessage):
-            received = await receive_message(rt, route, item)
+            received = await receive_message(
+                rt, route, item, flood_limit=(rt.settings.whatsapp_contact_rate, 60_000)
+            )
             counts["duplicates" if received.duplicate else "messages"] += 1
         else:
             await apply_status(rt, channel.id, item, channel.tenant_id)
