@@ -79,13 +79,14 @@ async def test_a_tenants_endpoints_get_the_conversations_story(
     assert r.status == 202
     posted = await r.json()
     events = await _events(rt, t["tenant"])
-    assert [e for e, _ in events] == ["message.received"]
-    data = events[0][1]
+    assert [e for e, _ in events] == ["conversation.created", "message.received"]
+    assert events[0][1]["contact"]["external_id"] == v
+    data = events[1][1]
     assert data["text"] == "Where is my order?" and data["contact"]["external_id"] == v
     assert data["message_id"] == posted["message_id"]
     # queued for delivery after the commit, one job per endpoint
     queue = webhook_queue(rt.redis)
-    assert len(await queue.list_jobs(JobState.WAITING)) == 1
+    assert len(await queue.list_jobs(JobState.WAITING)) == 2
     # an agent takes over: the status change is an event too
     conv = posted["conversation_id"]
     r = await client.post(
@@ -93,8 +94,8 @@ async def test_a_tenants_endpoints_get_the_conversations_story(
     )
     assert r.status == 200
     kinds = [e for e, _ in await _events(rt, t["tenant"])]
-    assert kinds == ["message.received", "conversation.status_changed"]
-    status_event = (await _events(rt, t["tenant"]))[1][1]
+    assert kinds == ["conversation.created", "message.received", "conversation.status_changed"]
+    status_event = (await _events(rt, t["tenant"]))[2][1]
     assert status_event == {
         "conversation_id": conv, "status": "pending_human", "previous": "open", "reason": "agent",
     }  # fmt: skip

@@ -32,6 +32,7 @@ from chat_domain import (
 )
 from chat_domain.payloads import IncomingMessage
 from chat_domain.types import ChannelKind
+from chat_domain.webhooks import DispatchRef
 from chat_pipeline.channels.base import InboundMessage, StatusUpdate
 from chat_pipeline.errors import DEPENDENCY_ERRORS
 from chat_pipeline.events import (
@@ -138,14 +139,26 @@ async def receive_message(
             attachment={"kind": inbound.kind, **inbound.media} if inbound.media else None,
         )
         plan = await get_queue_priority(session, route.tenant_id)
-        dispatches = []
+        dispatches: list[DispatchRef] = []
         if not result.duplicate:
             m = result.message
             data = message_data(m, text=m.text, channel_kind=route.kind)
             data |= {"contact": {"external_id": contact.external_id, "name": contact.display_name}}
             if m.attachment:
                 data["attachment"] = m.attachment
-            dispatches = await rt.events.emit(session, route.tenant_id, "message.received", data)
+            if m.seq == 1:  # the conversation's first message: it was created just now
+                created = {
+                    "conversation_id": str(conversation.id),
+                    "chatbot_id": str(route.chatbot_id),
+                    "channel_id": str(route.channel_id),
+                    "channel_kind": route.kind,
+                    "contact": data["contact"],
+                }
+                dispatches = await rt.events.emit(
+                    session, route.tenant_id, "conversation.created", created,
+                    dedupe_key=f"conversation.created:{conversation.id}",
+                )  # fmt: skip
+            dispatches += await rt.events.emit(session, route.tenant_id, "message.received", data)
             if flooding and conversation.status == "open":
                 await set_conversation_status(session, conversation.id, "pending_human")
                 log.warning("conversation %s: a contact floods; handed to people", conversation.id)
